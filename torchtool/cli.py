@@ -1,0 +1,93 @@
+"""The Typer app: registers each command and maps errors to exit codes. Imports nothing heavy."""
+
+import functools
+import importlib
+import os
+import sys
+import traceback
+from typing import Annotated, Any, Callable
+
+import typer
+
+from torchtool import __version__
+from torchtool.core.output import EXIT_FAILURE, EXIT_USAGE, TorchtoolError, debug_enabled, error_line
+
+# command name -> module in torchtool.commands; each module has a ``run`` function.
+COMMANDS = {
+    "env-info": "env_info",
+}
+
+app = typer.Typer(
+    name="torchtool",
+    help="Everyday PyTorch recipes as dependable, fast, scriptable commands.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"torchtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also TORCHTOOL_DEBUG=1).")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Everyday PyTorch recipes as dependable, fast, scriptable commands."""
+    if debug:
+        os.environ["TORCHTOOL_DEBUG"] = "1"
+
+
+def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command, turning errors into one line and an exit code (the one error table)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except TorchtoolError as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            typer.echo(error_line(exc.message, exc.hint), err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo(error_line("interrupted"), err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # an unexpected failure: still one line unless debugging
+            if debug_enabled():
+                raise
+            typer.echo(error_line(f"{type(exc).__name__}: {exc}", "rerun with --debug for the traceback"), err=True)
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper
+
+
+for _name, _module in COMMANDS.items():
+    _run = importlib.import_module(f"torchtool.commands.{_module}").run
+    app.command(_name)(_guarded(_run))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors become one ``torchtool: error:`` line, exit 2."""
+    try:
+        code = app(args=argv, prog_name="torchtool", standalone_mode=False)
+    except typer.Abort:
+        typer.echo(error_line("aborted"), err=True)
+        code = EXIT_FAILURE
+    except Exception as exc:
+        # click's usage errors (bad option, missing argument) carry format_message/exit_code.
+        if not hasattr(exc, "format_message") or debug_enabled():
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = f"{ctx.command_path} --help" if ctx is not None else "torchtool --help"
+        typer.echo(error_line(exc.format_message(), f"see '{where}'"), err=True)
+        code = getattr(exc, "exit_code", EXIT_USAGE)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,1 @@
+"""One thin module per subcommand: options, one call into core, rendering."""
