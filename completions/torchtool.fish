@@ -1,0 +1,1 @@
+complete --command torchtool --no-files --arguments "(env _TORCHTOOL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) torchtool)" --condition "env _TORCHTOOL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) torchtool"
