@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         ctx = getattr(exc, "ctx", None)
         where = f"{ctx.command_path} --help" if ctx is not None else "torchtool --help"
-        typer.echo(error_line(exc.format_message(), f"see '{where}'"), err=True)
+        message = exc.format_message()
+        if message:  # empty for no_args_is_help: the help is already on stdout
+            typer.echo(error_line(message, f"see '{where}'"), err=True)
         code = getattr(exc, "exit_code", EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)
