@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -215,6 +216,16 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 # --- files -------------------------------------------------------------------
 
 
+def _file_mode(path: Path) -> int:
+    """An existing file's permissions, else the umask's default for a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mask = os.umask(0)  # reading the umask means setting it; put it straight back
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it.
@@ -227,6 +238,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give what open() would
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

@@ -1,0 +1,123 @@
+"""Checkpoints: atomic save, safe load (``weights_only``), weight files of any common shape.
+
+A torchtool checkpoint is a plain dict (tensors and plain types only, so
+``torch.load(weights_only=True)`` reads it) with at least::
+
+    {"format": FORMAT, "arch": "resnet18", "classes": [...], "model": state_dict,
+     "preprocess": {...}, "config": {...}}
+
+finetune adds optimizer/scheduler/scaler/RNG state; evaluate and extract-features only
+need arch, classes, preprocess and model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torchtool.core.output import Failure, UsageError, atomic_save
+
+FORMAT = "torchtool.checkpoint/1"
+# Where common training scripts nest the weights inside a checkpoint dict.
+_NESTED_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "net")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` with torch.save atomically (a crash mid-write keeps the old file)."""
+    import torch
+
+    state = {"format": FORMAT, **state}
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``; a file that needs code to unpickle is refused."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise Failure(
+            f"refusing to load {path}: it needs arbitrary code to unpickle ({first[:200]})",
+            hint="only tensors and plain types are loaded (weights_only=True); re-save the state_dict "
+            "with torch.save(model.state_dict(), path) or as .safetensors",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise Failure(f"cannot read {path}: {exc}".splitlines()[0], hint="is it a PyTorch weights file?") from None
+
+
+def is_torchtool_checkpoint(obj: Any) -> bool:
+    """True for dicts written by :func:`save_checkpoint`."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+@dataclass
+class WeightsFile:
+    """A state_dict read from disk, with what the file says about its model."""
+
+    path: Path
+    state_dict: dict[str, Any]
+    arch: str | None = None
+    classes: list[str] | None = None
+    preprocess: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_weights_file(path: str | os.PathLike) -> WeightsFile:
+    """Read a .safetensors file, a .pth/.pt state_dict or a torchtool checkpoint."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such weights file: {path}", hint="pass DEFAULT, a weights name, none, or an existing file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:
+            raise Failure(f"cannot read {path}: {exc}") from None
+        info = json.loads(meta.get("torchtool", "{}"))
+        return WeightsFile(path, state, info.get("arch"), info.get("classes"), info.get("preprocess"))
+
+    obj = load_checkpoint(path)
+    if is_torchtool_checkpoint(obj):
+        return WeightsFile(path, obj["model"], obj.get("arch"), obj.get("classes"), obj.get("preprocess"),
+                           extra={k: v for k, v in obj.items() if k != "model"})
+    if isinstance(obj, dict):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise Failure(f"{path} holds no state_dict", hint="expected a dict of tensor names to tensors")
+    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
+        obj = _strip_prefix(obj, prefix)
+    return WeightsFile(path, obj)
+
+
+def save_safetensors(path: str | os.PathLike, state_dict: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Write weights as .safetensors atomically, with ``info`` (arch, classes...) as metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata={"torchtool": json.dumps(info)}))
+    return Path(path)

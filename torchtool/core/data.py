@@ -1,0 +1,193 @@
+"""Finding images, loading them robustly, transforms, datasets and loaders.
+
+A bad input (missing, zero-byte, truncated, not an image, a decompression bomb) never
+raises out of a dataset: the sample carries an error string instead, so loops can skip
+it, record why, and keep going.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torchtool.core.output import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Refuse images with more pixels than this (PIL's own bomb limit), decoded or not.
+MAX_PIXELS = 89_478_485
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """True when the file name has an image extension (any case)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def walk_images(root: Path) -> list[Path]:
+    """Image files under ``root``, recursively, in a deterministic sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_name(f))
+    return found
+
+
+def _read_list(lines: Iterable[str]) -> list[Path]:
+    return [Path(line.rstrip("\r\n")) for line in lines if line.strip()]
+
+
+def find_images(paths: Sequence[str], list_file: str | os.PathLike | None = None) -> list[Path]:
+    """Resolve command-line inputs to an ordered list of image paths.
+
+    ``paths`` may hold image files, directories (walked recursively, sorted) and ``-``
+    (paths read from stdin, one per line); ``list_file`` holds one path per line. Paths
+    named on the command line must exist; paths from lists are kept even when missing,
+    so they show up as skipped rows rather than silently vanishing.
+    """
+    images: list[Path] = []
+    if list_file is not None:
+        list_path = Path(list_file)
+        if not list_path.is_file():
+            raise UsageError(f"no such list file: {list_path}")
+        with open(list_path, encoding="utf-8") as fh:
+            images.extend(_read_list(fh))
+    for raw in paths:
+        if raw == "-":
+            images.extend(_read_list(sys.stdin))
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            images.extend(walk_images(path))
+        elif path.exists():
+            images.append(path)
+        else:
+            raise UsageError(f"no such file or directory: {raw}")
+    if not images:
+        raise UsageError("no images found in the inputs",
+                         hint=f"looked for {', '.join(IMAGE_EXTENSIONS)} files (case-insensitive)")
+    return images
+
+
+def _to_rgb(img: Any) -> Any:
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        # 16-bit (and float) images: scale to 8 bits instead of clipping everything to white.
+        top = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or img.mode == "PA":
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Any:
+    """Open an image as RGB with EXIF orientation applied; raise ValueError/OSError if bad."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
+        img.load()  # decode now so truncated files fail here, not later
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, single-line reason for a bad input."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (or an unsupported format)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb: {exc}".splitlines()[0][:200]
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def eval_transform(crop_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float],
+                   interpolation: str = "bilinear") -> Any:
+    """Resize, center crop, to float tensor, normalise: the weights' own evaluation preset."""
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose([
+        v2.Resize(resize_size, interpolation=InterpolationMode(interpolation), antialias=True),
+        v2.CenterCrop(crop_size),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+def preprocess_transform(preprocess: Any) -> Any:
+    """:func:`eval_transform` for a :class:`torchtool.core.models.Preprocess`."""
+    p = preprocess
+    return eval_transform(p.crop_size, p.resize_size, p.mean, p.std, p.interpolation)
+
+
+class ImageDataset:
+    """Images by path (and optional targets) that never raise on a bad file.
+
+    Each item is ``(tensor, target, index, error)``: ``error`` is "" for a good image;
+    for a bad one the tensor is zeros of ``fallback_shape`` and ``error`` says why.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: Any, targets: Sequence[int] | None = None,
+                 fallback_shape: tuple[int, ...] = (3, 224, 224), max_pixels: int = MAX_PIXELS):
+        self.paths = [str(p) for p in paths]
+        self.targets = list(targets) if targets is not None else None
+        self.transform = transform
+        self.fallback_shape = fallback_shape
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int, str]:
+        import torch
+
+        target = self.targets[index] if self.targets is not None else -1
+        try:
+            img = load_image(self.paths[index], self.max_pixels)
+            return self.transform(img), target, index, ""
+        except Exception as exc:  # any decoder failure is a bad input, not a crash
+            return torch.zeros(self.fallback_shape), target, index, describe_error(exc)
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """An ImageFolder tree ``root/<class>/...``: (paths, targets, sorted class names).
+
+    Class folders with no image files are kept in ``classes`` so callers can report them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"no such directory: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths: list[Path] = []
+    targets: list[int] = []
+    for idx, name in enumerate(classes):
+        files = walk_images(root / name)
+        paths.extend(files)
+        targets.extend([idx] * len(files))
+    return paths, targets, classes
+
+
+def make_loader(dataset: Any, batch_size: int, workers: int, *, shuffle: bool = False, sampler: Any = None,
+                pin_memory: bool = False, drop_last: bool = False, seed: int | None = None) -> Any:
+    """A DataLoader with the settings every command wants (persistent workers, prefetch)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                      sampler=sampler, num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      generator=generator)
