@@ -1,0 +1,204 @@
+"""The app as a whole: start-up cost, completion, version, usage errors and the error table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from torchtool import __version__, cli
+from torchtool.core import output
+
+HEAVY = ("torch", "torchvision", "cv2", "sklearn")
+
+# Runs the CLI in-process with the given arguments, then reports which heavy modules
+# that pulled in (on the last stderr line, after whatever the CLI itself printed).
+PROBE = f"""
+import json, sys
+from torchtool.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+sys.stderr.write("\\nHEAVY=" + json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)) + "\\n")
+"""
+
+BASH_COMPLETE_ENV = {"_TORCHTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "torchtool env", "COMP_CWORD": "1"}
+
+
+def _heavy_modules(stderr: str) -> list[str]:
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("HEAVY="), stderr
+    return json.loads(last.removeprefix("HEAVY="))
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--help"], {}, "env-info"),
+        (["env-info", "--help"], {}, "--require"),
+        ([], BASH_COMPLETE_ENV, "env-info"),
+        ([], {"_TORCHTOOL_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "torchtool env-info --re"}, "--require"),
+    ],
+    ids=["help", "env-info-help", "complete-bash", "complete-zsh"],
+)
+def test_startup_imports_nothing_heavy(run_python, args, env, expected):
+    proc = run_python("-c", PROBE, *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stdout
+    assert _heavy_modules(proc.stderr) == [], f"'torchtool {' '.join(args)}' imported heavy modules"
+
+
+def test_bash_completion_returns_the_command(run_torchtool):
+    proc = run_torchtool(env=BASH_COMPLETE_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["env-info"]
+
+
+def test_bash_completion_of_options(run_torchtool):
+    env = {"_TORCHTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "torchtool env-info --mi", "COMP_CWORD": "2"}
+    proc = run_torchtool(env=env)
+    assert proc.stdout.split() == ["--min-gpus"]
+
+
+def test_version(run_torchtool):
+    proc = run_torchtool("--version")
+    assert proc.returncode == 0
+    assert proc.stdout == f"torchtool {__version__}\n"
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "hint"),
+    [
+        (["--bogus"], "No such option: --bogus", "see 'torchtool --help'"),
+        (["env-info", "--bogus"], "No such option: --bogus", "see 'torchtool env-info --help'"),
+        (["env-info", "--min-gpus", "-1"], "--min-gpus", "see 'torchtool env-info --help'"),
+        (["no-such-command"], "No such command 'no-such-command'", "see 'torchtool --help'"),
+    ],
+    ids=["root-option", "command-option", "bad-value", "unknown-command"],
+)
+def test_usage_error_is_one_line_and_exit_2(run_torchtool, args, message, hint):
+    proc = run_torchtool(*args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("torchtool: error: ") and message in lines[0]
+    assert lines[1] == f"  hint: {hint}"
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_arguments_shows_help_without_an_error_line(run_torchtool):
+    proc = run_torchtool()
+    assert "Usage: torchtool" in proc.stdout
+    assert "torchtool: error:" not in proc.stderr
+    assert proc.returncode == 2
+
+
+def test_python_dash_m(run_python):
+    proc = run_python("-m", "torchtool", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: torchtool [OPTIONS] COMMAND [ARGS]..." in proc.stdout
+    assert "env-info" in proc.stdout
+
+
+def test_short_help_option(run_torchtool):
+    proc = run_torchtool("env-info", "-h")
+    assert proc.returncode == 0
+    assert "--min-gpus" in proc.stdout
+
+
+# --- end to end through the installed executable ------------------------------
+
+
+@pytest.fixture(scope="module")
+def env_info_json(run_torchtool):
+    return run_torchtool("env-info", "--format", "json")
+
+
+def test_env_info_json_end_to_end(env_info_json):
+    import torch
+
+    assert env_info_json.returncode == 0, env_info_json.stderr
+    assert env_info_json.stderr == ""
+    info = json.loads(env_info_json.stdout)
+    assert info["torch"]["version"] == torch.__version__
+    assert info["torchtool_version"] == __version__
+    assert isinstance(info["cpu"]["logical_cores"], int)
+
+
+def test_unmet_requirement_keeps_stdout_parseable(run_torchtool):
+    proc = run_torchtool("env-info", "--json", "--min-gpus", "9999")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["cuda"]["device_count"] < 9999
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("torchtool: error: 9999 GPU(s) required")
+    assert len(lines) == 2 and lines[1].startswith("  hint: ")
+
+
+# --- the error table -----------------------------------------------------------
+
+# The real app plus a throwaway command that fails unexpectedly, run through main().
+BOOM = """
+import sys
+from torchtool import cli
+
+def boom() -> None:
+    \"\"\"Fail with an exception nobody anticipated.\"\"\"
+    raise RuntimeError("kaboom")
+
+cli.app.command("boom")(cli._guarded(boom))
+cli.main(sys.argv[1:])
+"""
+
+
+def test_unexpected_exception_is_one_line_exit_1(run_python):
+    proc = run_python("-c", BOOM, "boom")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "torchtool: error: RuntimeError: kaboom",
+        "  hint: rerun with --debug for the traceback",
+    ]
+
+
+@pytest.mark.parametrize(("args", "env"), [(["--debug", "boom"], {}), (["boom"], {"TORCHTOOL_DEBUG": "1"})],
+                         ids=["--debug", "TORCHTOOL_DEBUG"])
+def test_debug_shows_the_traceback(run_python, args, env):
+    proc = run_python("-c", BOOM, *args, env=env)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert ", in boom\n" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == "RuntimeError: kaboom"
+
+
+def _guarded_app(exc: BaseException) -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    @cli._guarded
+    def fail() -> None:
+        raise exc
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "lines"),
+    [
+        (output.UsageError("no such layer 'fc9'", hint="see --list-layers"), 2,
+         ["torchtool: error: no such layer 'fc9'", "  hint: see --list-layers"]),
+        (output.Failure("CUDA is not available"), 1, ["torchtool: error: CUDA is not available"]),
+        (KeyboardInterrupt(), 130, ["torchtool: error: interrupted"]),
+    ],
+    ids=["usage", "failure", "interrupt"],
+)
+def test_error_table(monkeypatch, exc, code, lines):
+    monkeypatch.delenv("TORCHTOOL_DEBUG", raising=False)
+    result = CliRunner().invoke(_guarded_app(exc), [])
+    assert result.exit_code == code
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == lines
