@@ -187,6 +187,13 @@ def _head_classes(state: dict[str, Any], head_name: str) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
+def build_kwargs(arch: str, pretrained: bool) -> dict[str, Any]:
+    """Builder arguments: no auxiliary heads (GoogLeNet, Inception), quiet init for scratch models."""
+    if arch not in _AUX_MODELS:
+        return {}
+    return {"aux_logits": False} if pretrained else {"aux_logits": False, "init_weights": True}
+
+
 @dataclass
 class BuiltModel:
     """A model ready to use, and what it was built from."""
@@ -215,11 +222,7 @@ def build_model(arch: str | None, weights: str | WeightsChoice = "DEFAULT", num_
         raise UsageError(f"--weights {choice.label} holds a {choice.arch} model, not {arch}",
                          hint=f"pass --model {choice.arch} or leave --model out")
     arch = check_arch(choice.arch or arch or "")
-    kwargs: dict[str, Any] = {}
-    if arch in _AUX_MODELS:
-        kwargs["aux_logits"] = False
-        if choice.kind != "pretrained":
-            kwargs["init_weights"] = True
+    kwargs = build_kwargs(arch, pretrained=choice.kind == "pretrained")
     classes = None
     if choice.kind == "pretrained":
         ensure_downloaded(choice.enum)

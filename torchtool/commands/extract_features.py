@@ -1,0 +1,84 @@
+"""torchtool extract-features: multi-layer CNN features for any folder of images."""
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from torchtool.commands._options import (
+    DEFAULT_WORKERS, Amp, BatchSize, Device, Json, ModelName, Overwrite, Quiet, Strict, Weights, Workers,
+)
+from torchtool.core import output
+
+
+def run(
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Image files, folders (walked recursively) or - to read paths from stdin.",
+                       show_default=False),
+    ] = None,
+    model: ModelName = "resnet18",
+    weights: Weights = "DEFAULT",
+    layer: Annotated[
+        list[str],
+        typer.Option("--layer", "-l", help="Layer to extract (repeatable or comma-separated): relu5_3, fc7, gap, "
+                     "logits, layer3, any FX node or module name; NAME:POOL sets its pooling."),
+    ] = ["gap"],  # noqa: B006
+    pool: Annotated[
+        list[str],
+        typer.Option("--pool", help="none, avg, max or bilinear for every layer, or LAYER:POOL for one (repeatable)."),
+    ] = ["none"],  # noqa: B006
+    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise every output vector.")] = False,
+    dtype: Annotated[Literal["float32", "float16"], typer.Option("--dtype", help="Stored dtype.")] = "float32",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("features"),
+    list_file: Annotated[
+        Optional[Path], typer.Option("--list", help="A file with one image path per line (kept in that order).")
+    ] = None,
+    list_layers: Annotated[
+        bool, typer.Option("--list-layers", help="Print the layer names the model offers, with shapes, and exit.")
+    ] = False,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Crop size (default: the weights').")] = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", min=16, help="Resize the short side to this before cropping.")] = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = DEFAULT_WORKERS,
+    device: Device = "auto",
+    amp: Amp = False,
+    overwrite: Overwrite = False,
+    strict: Strict = False,
+    quiet: Quiet = False,
+    format: Annotated[
+        Literal["table", "json", "jsonl", "csv"], typer.Option("--format", "-f", help="Summary / --list-layers format.")
+    ] = "table",
+    json_: Json = False,
+) -> None:
+    """Extract features of many layers in one forward pass, streamed to .npy files.
+
+    Writes OUT/<layer>.npy (one row per input, NaN rows for unreadable ones), OUT/index.csv
+    and OUT/meta.json. Rerunning an interrupted command resumes it. Exit 3 when some
+    inputs could not be read. Works under `torchrun --nproc-per-node N -m torchtool`.
+    """
+    fmt = output.pick_format(format, json_)
+    if list_layers:
+        from torchtool.core.features import LayerCatalog
+        from torchtool.core.models import build_model, resolve_weights
+
+        choice = resolve_weights(model, weights)  # pretrained or not, the layers are the same: no download
+        built = build_model(model, choice if choice.kind == "file" else "none")
+        size = image_size or built.preprocess.crop_size
+        output.emit(LayerCatalog(built.model, built.arch).table(size), fmt, ["name", "target", "kind", "shape"])
+        return
+    if not inputs and list_file is None:
+        raise output.UsageError("no inputs given", hint="pass image files or folders, - for stdin, or --list FILE")
+
+    from torchtool.core.extract import ExtractConfig, run_extraction
+
+    config = ExtractConfig(
+        inputs=inputs or [], model=model, weights=weights, layers=layer, pool=pool, normalize=normalize, dtype=dtype,
+        out=str(out), list_file=str(list_file) if list_file else None, batch_size=batch_size, workers=workers,
+        device=device, amp=amp, image_size=image_size, resize=resize, overwrite=overwrite, strict=strict, quiet=quiet,
+    )
+    summary = run_extraction(config)
+    if summary.pop("rank") == 0:
+        output.emit(summary, fmt)
+    if summary["skipped"]:
+        raise typer.Exit(output.EXIT_PARTIAL)
