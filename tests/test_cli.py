@@ -51,6 +51,14 @@ def test_startup_imports_nothing_heavy(run_python, args, env, expected):
     assert _heavy_modules(proc.stderr) == [], f"'torchtool {' '.join(args)}' imported heavy modules"
 
 
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_command_help_imports_nothing_heavy(run_python, command):
+    proc = run_python("-c", PROBE, command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Usage: torchtool {command}" in proc.stdout
+    assert _heavy_modules(proc.stderr) == [], f"'torchtool {command} --help' imported heavy modules"
+
+
 def test_bash_completion_returns_the_command(run_torchtool):
     proc = run_torchtool(env=BASH_COMPLETE_ENV)
     assert proc.returncode == 0, proc.stderr
