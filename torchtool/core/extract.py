@@ -129,7 +129,8 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     if len(set(names)) < len(names):
         raise UsageError("a layer is requested twice", hint="name each layer once; use LAYER:POOL to pick its pooling")
     # channels_last is faster for convolutions on CUDA and on CPU (oneDNN) alike
-    extractor = FeatureExtractor(built.model, layers, normalize=cfg.normalize).to(dev, memory_format=torch.channels_last)
+    extractor = FeatureExtractor(built.model, layers, normalize=cfg.normalize, nodes=catalog.nodes)
+    extractor = extractor.to(dev, memory_format=torch.channels_last)
     shapes = _layer_shapes(extractor, preprocess.crop_size, dev, cfg.amp)
     out = Path(cfg.out)
     fingerprint = _fingerprint(cfg, built.arch, built.weights, layers, preprocess.to_dict(), paths)
@@ -155,7 +156,8 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     # 3. the loop: decode in workers, one forward for all layers, write rows as they come
     dataset = data.ImageDataset([paths[i] for i in todo], data.preprocess_transform(preprocess),
                                 fallback_shape=(3, preprocess.crop_size, preprocess.crop_size))
-    loader = data.make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=dev.type == "cuda")
+    loader = data.make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=dev.type == "cuda",
+                              worker_init=data.lower_priority)
     bar = progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet or not dist.is_main)
     with torch.inference_mode(), bar:
         for x, _, local, errors in loader:

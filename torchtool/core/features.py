@@ -215,11 +215,13 @@ class FeatureExtractor(nn.Module):
 
     ``layers`` is a list of names or a ``{name: target}`` mapping (target: FX node or module
     name). torchvision's ``create_feature_extractor`` is used where the model traces; else
-    forward hooks that clone outputs. ``pools`` maps names to a pooling in :data:`POOLS`.
+    forward hooks that clone outputs. ``pools`` maps names to a pooling in :data:`POOLS`;
+    ``nodes`` (the model's FX node names, when already known) saves a trace.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | Mapping[str, str] | Sequence[Layer],
-                 pools: Mapping[str, str] | None = None, normalize: bool = False, arch: str = ""):
+                 pools: Mapping[str, str] | None = None, normalize: bool = False, arch: str = "",
+                 nodes: Sequence[str] | None = None):
         super().__init__()
         if layers and isinstance(layers, Sequence) and isinstance(layers[0], str):
             catalog = LayerCatalog(model, arch)
@@ -235,7 +237,7 @@ class FeatureExtractor(nn.Module):
         try:
             from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-            nodes = get_graph_node_names(model)[1]
+            nodes = nodes or get_graph_node_names(model)[1]
             # A module name means the last node inside it; two names may meet at one node.
             self.nodes = {t: t if t in nodes else [n for n in nodes if n.startswith(t + ".")][-1]
                           for t in self.targets}
