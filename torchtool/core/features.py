@@ -10,6 +10,7 @@ FX node names (``get_graph_node_names``) or module names (``named_modules``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -164,7 +165,8 @@ class LayerCatalog:
         return self._gap or None
 
     def names(self) -> list[str]:
-        return list(self.aliases) + ["gap"] + (self.nodes or []) + self.modules
+        # an alias, node and module may share a name (layer3): list each once
+        return list(dict.fromkeys(list(self.aliases) + ["gap"] + (self.nodes or []) + self.modules))
 
     def resolve(self, spec: str, default_pool: str, pools: Mapping[str, str] | None = None) -> Layer:
         """``name`` or ``name:pool`` -> Layer; unknown names fail with the closest suggestions."""
@@ -271,7 +273,18 @@ class FeatureExtractor(nn.Module):
             self.body(x)
             raw, self._hooked = self._hooked, {}
         out = {}
-        for lay in self.layers:
-            feat = pool_features(raw[self.nodes[lay.target]], self.pools[lay.name])
-            out[lay.name] = l2_normalize(feat) if self.normalize else feat
+        # Pool in float32 even under --amp: bilinear pooling's products lose too much in bf16.
+        with _no_autocast(x.device):
+            for lay in self.layers:
+                feat = raw[self.nodes[lay.target]]
+                if feat.dtype in (torch.float16, torch.bfloat16):
+                    feat = feat.float()
+                feat = pool_features(feat, self.pools[lay.name])
+                out[lay.name] = l2_normalize(feat) if self.normalize else feat
         return out
+
+
+def _no_autocast(device: torch.device) -> Any:
+    if device.type in ("cpu", "cuda", "mps", "xpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

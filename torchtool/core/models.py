@@ -111,7 +111,7 @@ def resolve_weights(arch: str | None, spec: str) -> WeightsChoice:
         return WeightsChoice("file", str(path.resolve()), file=wf)
     if arch is None:
         raise UsageError("--model is required unless --weights is a torchtool checkpoint")
-    enum = _weights_enum(arch)
+    enum = _weights_enum(check_arch(arch))
     names = [m for m in enum.__members__]
     key = spec.split(".")[-1]
     if key not in enum.__members__:

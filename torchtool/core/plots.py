@@ -1,0 +1,34 @@
+"""Learning curves as a PNG (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torchtool.core.output import atomic_save
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Loss, accuracy and learning rate by epoch, side by side; written atomically."""
+    # A bare Figure (no pyplot) renders through Agg: headless, no window, no global state, and
+    # it is freed with its last reference (pyplot's figure registry would keep it alive).
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    loss, acc, lr = fig.subplots(1, 3)
+    for ax, key, title in ((loss, "loss", "loss"), (acc, "acc", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train", ms=3)
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation", ms=3)
+        ax.set_title(title)
+        ax.legend()
+    lr.plot(epochs, [r["lr"] for r in history], "o-", color="tab:green", ms=3)
+    lr.set_title("learning rate")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (loss, acc, lr):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    return Path(path)
