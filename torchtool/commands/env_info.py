@@ -22,8 +22,7 @@ def run(
 ) -> None:
     """Show torch's build, CUDA/cuDNN/NCCL, GPUs, driver, CPU, OS and package versions.
 
-    With --require or --min-gpus it also checks them: exit 0 when met, 1 with a one-line
-    reason otherwise (the report is still printed on stdout).
+    With --require or --min-gpus it also checks them: exit 0 when met, 1 with a one-line reason otherwise (the report is still printed on stdout).
     """
     from torchtool.core import env
 

@@ -54,9 +54,7 @@ def run(
 ) -> None:
     """Extract features of many layers in one forward pass, streamed to .npy files.
 
-    Writes OUT/<layer>.npy (one row per input, NaN rows for unreadable ones), OUT/index.csv
-    and OUT/meta.json. Rerunning an interrupted command resumes it. Exit 3 when some
-    inputs could not be read. Works under `torchrun --nproc-per-node N -m torchtool`.
+    Writes OUT/<layer>.npy (one row per input, NaN rows for unreadable ones), OUT/index.csv and OUT/meta.json. Rerunning an interrupted command resumes it. Exit 3 when some inputs could not be read. Works under `torchrun --nproc-per-node N -m torchtool`.
     """
     fmt = output.pick_format(format, json_)
     if list_layers:
@@ -76,7 +74,8 @@ def run(
     config = ExtractConfig(
         inputs=inputs or [], model=model, weights=weights, layers=layer, pool=pool, normalize=normalize, dtype=dtype,
         out=str(out), list_file=str(list_file) if list_file else None, batch_size=batch_size, workers=workers,
-        device=device, amp=amp, image_size=image_size, resize=resize, overwrite=overwrite, strict=strict, quiet=quiet, seed=seed,
+        device=device, amp=amp, image_size=image_size, resize=resize, overwrite=overwrite, strict=strict,
+        quiet=quiet, seed=seed,
     )
     summary = run_extraction(config)
     if summary.pop("rank") == 0:
