@@ -74,7 +74,7 @@ def _fingerprint(cfg: ExtractConfig, arch: str, weights: str, layers: list[Any],
                  paths: list[Path]) -> dict[str, Any]:
     digest = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
     return {"model": arch, "weights": weights, "seed": cfg.seed, "layers": [asdict(lay) for lay in layers], "normalize": cfg.normalize,
-            "dtype": cfg.dtype, "preprocess": preprocess, "inputs_sha256": digest, "rows": len(paths)}
+            "amp": cfg.amp, "dtype": cfg.dtype, "preprocess": preprocess, "inputs_sha256": digest, "rows": len(paths)}
 
 
 def _versions() -> dict[str, str]:
@@ -144,14 +144,15 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
             "preprocess": preprocess.to_dict(), "rows": len(paths), "versions": _versions()}
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "meta.json", to_json(meta))  # first, so a killed run is never taken as done
         store = FeatureStore(out, len(paths), shapes, cfg.dtype, create=not resuming, rank=0)
-        atomic_write_text(out / "meta.json", to_json(meta))
     dist.barrier()
     if not dist.is_main:
         store = FeatureStore(out, len(paths), shapes, cfg.dtype, create=False, rank=dist.rank)
-    todo = store.pending()[dist.rank::dist.world_size]
-    if resuming and dist.is_main and len(todo) < len(paths):
-        warn(f"resuming {out}: {len(paths) - len(store.pending())} of {len(paths)} rows already done")
+    pending = store.pending()
+    todo = pending[dist.rank::dist.world_size]
+    if dist.is_main and len(pending) < len(paths):
+        warn(f"resuming {out}: {len(paths) - len(pending)} of {len(paths)} rows already done")
 
     # 3. the loop: decode in workers, one forward for all layers, write rows as they come
     dataset = data.ImageDataset([paths[i] for i in todo], data.preprocess_transform(preprocess),

@@ -57,10 +57,11 @@ def prepare_output(out: Path, fingerprint: dict[str, Any], layer_names: Sequence
         return False
     if meta.get("complete"):
         raise UsageError(f"{out} already holds a finished extraction", hint="pass --overwrite to redo it, or another --out")
-    if meta.get("fingerprint") != fingerprint or not (out / STATE_DIR / "status.npy").exists():
+    if meta.get("fingerprint") != fingerprint:
         raise UsageError(f"{out} holds an unfinished extraction with different settings or inputs",
                          hint="rerun the same command to resume it, or pass --overwrite to start fresh")
-    return True
+    # Killed before the first row was recorded: nothing to resume, start again.
+    return (out / STATE_DIR / "status.npy").exists()
 
 
 class FeatureStore:
