@@ -28,7 +28,13 @@ def is_image_name(path: str | os.PathLike) -> bool:
 def walk_images(root: Path) -> list[Path]:
     """Image files under ``root``, recursively, in a deterministic sorted order."""
     found = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink back into the tree (a cycle): walked already
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_name(f))
     return found
