@@ -46,3 +46,88 @@ def run_python() -> Callable[..., subprocess.CompletedProcess[str]]:
                               env=_clean_env(env), timeout=timeout, check=False)
 
     return run
+
+
+# --- extract-features: real photos and weight files (session-scoped, made once) -----------
+
+
+def _photo(name: str):
+    """One of scikit-learn's bundled photographs (china.jpg, flower.jpg) as an RGB PIL image."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image(name)).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    """Eight small real photos (crops, resizes, flips, formats, a sub-folder), 64–160 px.
+
+    File names sort in the order they are listed by :func:`photo_files`.
+    """
+    from PIL import Image, ImageOps
+
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    china, flower = _photo("china.jpg"), _photo("flower.jpg")  # both 640x427
+    china.resize((160, 107), Image.BILINEAR).save(root / "a_china.jpg", quality=90)
+    flower.resize((160, 107), Image.BILINEAR).save(root / "b_flower.jpg", quality=90)
+    china.crop((200, 100, 456, 356)).resize((96, 96), Image.BILINEAR).save(root / "c_china_crop.png")
+    ImageOps.mirror(flower.crop((0, 0, 427, 427))).resize((80, 80), Image.BILINEAR).save(root / "d_flower_flip.bmp")
+    china.rotate(90, expand=True).resize((72, 108), Image.BILINEAR).save(root / "e_china_portrait.jpg", quality=85)
+    flower.crop((300, 50, 620, 290)).resize((128, 96), Image.BILINEAR).save(root / "f_flower_crop.webp")
+    china.resize((64, 64), Image.BILINEAR).save(root / "sub" / "g_china_square.jpg", quality=95)
+    ImageOps.flip(flower).resize((150, 100), Image.BILINEAR).save(root / "sub" / "h_flower_upside_down.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_files(photos_dir: Path) -> list[Path]:
+    """The photos in the order ``torchtool extract-features DIR`` walks them."""
+    names = ["a_china.jpg", "b_flower.jpg", "c_china_crop.png", "d_flower_flip.bmp", "e_china_portrait.jpg",
+             "f_flower_crop.webp", "sub/g_china_square.jpg", "sub/h_flower_upside_down.png"]
+    return [photos_dir / n for n in names]
+
+
+def _random_state_dict(arch: str, seed: int, **kwargs):
+    """A randomly initialised torchvision model's state_dict, BatchNorm statistics included."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    for module in model.modules():  # non-trivial running stats, so a BN that is not loaded shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights_pth(tmp_path_factory) -> Path:
+    """resnet18 with random weights and a 10-class head, saved with torch.save(state_dict)."""
+    import torch
+
+    path = tmp_path_factory.mktemp("weights") / "resnet18_random.pth"
+    torch.save(_random_state_dict("resnet18", 0, num_classes=10), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights_safetensors(tmp_path_factory) -> Path:
+    """mobilenet_v3_small with random weights, saved with safetensors.torch.save_file."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v3_small_random.safetensors"
+    save_file({k: v.contiguous() for k, v in _random_state_dict("mobilenet_v3_small", 1).items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def squeezenet_weights_pth(tmp_path_factory) -> Path:
+    """squeezenet1_0 with random weights, saved with torch.save(state_dict)."""
+    import torch
+
+    path = tmp_path_factory.mktemp("weights") / "squeezenet1_0_random.pt"
+    torch.save(_random_state_dict("squeezenet1_0", 2), path)
+    return path
