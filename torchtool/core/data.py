@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,11 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Any:
     """Open an image as RGB with EXIF orientation applied; raise ValueError/OSError if bad."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
+    with warnings.catch_warnings():
+        # Our own limit below reports bombs as one line; PIL's extra warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    with img:
         width, height = img.size
         if width * height > max_pixels:
             raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")

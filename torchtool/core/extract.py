@@ -73,6 +73,10 @@ def split_layers(specs: list[str]) -> list[str]:
 def _fingerprint(cfg: ExtractConfig, arch: str, weights: str, layers: list[Any], preprocess: dict,
                  paths: list[Path]) -> dict[str, Any]:
     digest = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
+    weights_file = Path(weights)
+    if weights_file.is_file():  # a file replaced at the same path must not be resumed into
+        stat = weights_file.stat()
+        weights = f"{weights} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
     return {"model": arch, "weights": weights, "seed": cfg.seed, "layers": [asdict(lay) for lay in layers], "normalize": cfg.normalize,
             "amp": cfg.amp, "dtype": cfg.dtype, "preprocess": preprocess, "inputs_sha256": digest, "rows": len(paths)}
 
@@ -195,5 +199,6 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
             warn(f"{counts['skipped']} of {len(paths)} inputs could not be read; see {out / 'index.csv'}")
     else:
         store.close()
+    dist.barrier()  # no process exits (and gets its siblings killed by torchrun) before the files are final
     summary["rank"] = dist.rank
     return summary
