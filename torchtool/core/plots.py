@@ -15,6 +15,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     # A bare Figure (no pyplot) renders through Agg: headless, no window, no global state, and
     # it is freed with its last reference (pyplot's figure registry would keep it alive).
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(13, 3.8), layout="constrained")
@@ -24,10 +25,12 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation", ms=3)
         ax.set_title(title)
         ax.legend()
+    loss.set_yscale("log")  # losses fall by orders of magnitude; a linear axis flattens all but the start
     lr.plot(epochs, [r["lr"] for r in history], "o-", color="tab:green", ms=3)
     lr.set_title("learning rate")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in (loss, acc, lr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
