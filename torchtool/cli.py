@@ -15,6 +15,7 @@ from torchtool.core.output import EXIT_FAILURE, EXIT_USAGE, TorchtoolError, debu
 # command name -> module in torchtool.commands; each module has a ``run`` function.
 COMMANDS = {
     "env-info": "env_info",
+    "finetune": "finetune",
     "extract-features": "extract_features",
 }
 

@@ -1,0 +1,130 @@
+"""torchtool finetune: fine-tune a torchvision classifier on an image folder, every recipe a flag."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from torchtool.commands._options import (DEFAULT_WORKERS, Amp, BatchSize, Device, Json, ModelName, Overwrite, Quiet,
+                                         Seed, Strict, Weights, Workers)
+from torchtool.core import output
+
+Recipe = "Recipes"
+Schedule = "Schedule"
+Run = "Run"
+
+
+def _milestones(text: str) -> list[int]:
+    try:
+        return [int(m) for m in text.replace(",", " ").split()]
+    except ValueError:
+        raise output.UsageError(f"--milestones {text!r}: expected epochs such as 30,60") from None
+
+
+def run(
+    data: Annotated[Path, typer.Argument(help="DATA/train/<class>/... and DATA/val/<class>/..., or DATA/<class>/... "
+                                         "with --val-split.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: last.pth, best.pth, metrics.csv, curves.png.",
+                                      show_default=False)],
+    model: ModelName = None,  # type: ignore[assignment]
+    weights: Weights = "DEFAULT",
+    val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of each class (stratified, "
+                                                       "seeded) when DATA has no val/ folder.")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train.")] = 10,
+    batch_size: BatchSize = 64,
+    workers: Workers = DEFAULT_WORKERS,
+    image_size: Annotated[Optional[int], typer.Option(min=8, help="Crop size (default: the weights' own, e.g. 224); "
+                                                      "validation resizes in the weights' ratio, then center-crops.")] = None,
+    augment: Annotated[Literal["standard", "light", "none"], typer.Option(
+        help="standard: RandomResizedCrop 0.08-1 + flip; light: RandomResizedCrop 0.6-1, no flip (small or "
+        "orientation-sensitive images); none: resize + center crop.", rich_help_panel=Recipe)] = "standard",
+    rcm: Annotated[int, typer.Option(min=0, help="Region confusion (DCL): shuffle NxN blocks locally (0: off).",
+                                     rich_help_panel=Recipe)] = 0,
+    rcm_neighbour: Annotated[int, typer.Option(min=0, help="Most positions a block moves along rows, then columns.",
+                                               rich_help_panel=Recipe)] = 1,
+    freeze_backbone: Annotated[bool, typer.Option(help="Train only the new head (backbone BatchNorm frozen too).",
+                                                  rich_help_panel=Recipe)] = False,
+    optimizer: Annotated[Literal["sgd", "adamw"], typer.Option(help="SGD (momentum 0.9) or AdamW.",
+                                                               rich_help_panel=Recipe)] = "sgd",
+    lr: Annotated[Optional[float], typer.Option(min=0, help="Learning rate of the head (default: 0.01 for SGD, "
+                                                "0.001 for AdamW).", rich_help_panel=Recipe)] = None,
+    backbone_lr: Annotated[Optional[float], typer.Option(min=0, help="Learning rate of the rest (default: --lr).",
+                                                         rich_help_panel=Recipe)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0, help="Weight decay (default: 1e-4 for SGD, 0.05 for "
+                                                          "AdamW); never on biases and norm layers...",
+                                                          rich_help_panel=Recipe)] = None,
+    decay_all: Annotated[bool, typer.Option(help="...unless this: decay every parameter.", rich_help_panel=Recipe)] = False,
+    label_smoothing: Annotated[float, typer.Option(min=0, max=1, help="Label smoothing of the cross-entropy.",
+                                                   rich_help_panel=Recipe)] = 0.0,
+    mixup: Annotated[float, typer.Option(min=0, metavar="ALPHA", help="MixUp with Beta(ALPHA, ALPHA) (0: off).",
+                                         rich_help_panel=Recipe)] = 0.0,
+    cutmix: Annotated[float, typer.Option(min=0, metavar="ALPHA", help="CutMix (0: off); with --mixup each batch "
+                                          "gets one of the two.", rich_help_panel=Recipe)] = 0.0,
+    l1: Annotated[float, typer.Option(min=0, metavar="LAMBDA", help="L1 penalty on the weights that get weight decay.",
+                                      rich_help_panel=Recipe)] = 0.0,
+    clip_grad_norm: Annotated[Optional[float], typer.Option(min=0, metavar="MAX", help="Clip the gradient norm.",
+                                                            rich_help_panel=Recipe)] = None,
+    schedule: Annotated[Literal["cosine", "step", "multistep", "plateau", "none"], typer.Option(
+        help="Per-epoch learning-rate schedule after the warm-up; plateau watches validation accuracy.",
+        rich_help_panel=Schedule)] = "cosine",
+    milestones: Annotated[str, typer.Option(metavar="EPOCHS", help="multistep: epochs where lr is multiplied by "
+                                            "--gamma, e.g. 30,60; step: its first value is the period.",
+                                            rich_help_panel=Schedule)] = "",
+    gamma: Annotated[float, typer.Option(min=0, help="Factor of step, multistep and plateau.",
+                                         rich_help_panel=Schedule)] = 0.1,
+    warmup_epochs: Annotated[int, typer.Option(min=0, help="Linear warm-up from lr/(N+1) to lr over N epochs.",
+                                               rich_help_panel=Schedule)] = 0,
+    plateau_patience: Annotated[int, typer.Option(min=0, help="plateau: epochs without a better validation "
+                                                  "accuracy before lr drops.", rich_help_panel=Schedule)] = 2,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="Stop early after N epochs without a better "
+                                                    "validation accuracy.", rich_help_panel=Schedule)] = None,
+    seed: Seed = 0,
+    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms and cuDNN (slower; otherwise cuDNN "
+                                                "autotunes).", rich_help_panel=Run)] = False,
+    amp: Amp = False,
+    sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over all processes.",
+                                          rich_help_panel=Run)] = False,
+    device: Device = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pth (starts afresh when "
+                                         "there is none yet).", rich_help_panel=Run)] = False,
+    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (a last.pth or best.pth), "
+                                                        "writing to --out.", rich_help_panel=Run)] = None,
+    overwrite: Overwrite = False,
+    export_weights: Annotated[Optional[Path], typer.Option(metavar="FILE.safetensors", help="Write the best model's "
+                                                           "weights here for sharing.", rich_help_panel=Run)] = None,
+    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard event files to OUT/tensorboard.",
+                                              rich_help_panel=Run)] = False,
+    strict: Strict = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune a torchvision classifier on an image folder: new head, every recipe a flag.
+
+    Writes OUT/last.pth every epoch and OUT/best.pth when validation accuracy improves (atomically; --resume continues exactly), OUT/metrics.csv and OUT/curves.png; the summary goes to stdout.
+
+    Under `torchrun --nproc-per-node N -m torchtool finetune ...` it trains with DDP; --batch-size is per process, so the global batch is N times larger.
+
+    Unreadable images are skipped, listed, and end the run with exit code 3 (--strict: the first one fails it).
+    """
+    from torchtool.core.train import TrainConfig, fit
+
+    cfg = TrainConfig(
+        data=str(data), out=str(out), model=model, weights=weights, val_split=val_split, epochs=epochs,
+        batch_size=batch_size, workers=workers, image_size=image_size, augment=augment, rcm=rcm,
+        rcm_neighbour=rcm_neighbour, optimizer=optimizer, lr=lr, backbone_lr=backbone_lr,
+        freeze_backbone=freeze_backbone, weight_decay=weight_decay, decay_all=decay_all,
+        label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, l1=l1, clip_grad_norm=clip_grad_norm,
+        schedule=schedule, milestones=_milestones(milestones), gamma=gamma, warmup_epochs=warmup_epochs,
+        plateau_patience=plateau_patience, patience=patience, seed=seed, deterministic=deterministic, amp=amp,
+        sync_bn=sync_bn, device=device, strict=strict)
+    resume_arg = str(resume_from) if resume_from is not None else ("" if resume else None)
+    summary = fit(cfg, resume=resume_arg, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
+                  export=str(export_weights) if export_weights else None)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the summary; one prints it
+        output.emit(summary if json_ else {k: v for k, v in summary.items() if k != "skipped"},
+                    "json" if json_ else "table")
+    if summary["skipped_images"]:
+        raise typer.Exit(output.EXIT_PARTIAL)
