@@ -22,7 +22,7 @@ import torch.nn as nn
 from torchtool.core import augment, traindata
 from torchtool.core.checkpoint import is_torchtool_checkpoint, load_checkpoint, save_checkpoint, save_safetensors
 from torchtool.core.data import ImageDataset, lower_priority, make_loader, preprocess_transform
-from torchtool.core.device import Dist, amp_dtype, seed_everything
+from torchtool.core.device import Dist, amp_dtype, resolve_device, seed_everything
 from torchtool.core.models import Preprocess, WeightsChoice, build_model, check_arch, resolve_weights
 from torchtool.core.output import UsageError, atomic_path, check_writable, warn
 from torchtool.core.train import RESUMABLE, EpochSchedule, Skipped, Step, TrainConfig, build_optimizer, \
@@ -80,6 +80,9 @@ def prepare(cfg: TrainConfig, dist: Dist, *, resume: str | None, overwrite: bool
         weights = resolve_weights(cfg.model, cfg.weights)
         arch = check_arch(weights.arch or cfg.model or "")
     cfg.model = arch
+    if cfg.sync_bn and dist.enabled and resolve_device(cfg.device, dist.local_rank).type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only",
+                         hint="leave out --sync-bn on CPU (each process then normalises over its own batch)")
     if tensorboard and not tensorboard_available():
         if dist.is_main:
             warn(TENSORBOARD_HINT)
@@ -282,6 +285,9 @@ def finish(run: Run, dist: Dist, skipped: tuple[Skipped, Skipped], *, best: tupl
     dist.barrier()
     listed = [{"path": str(part.paths[i]), "split": split, "error": e}
               for part, split in zip(skipped, ("train", "val")) for i, e in sorted(part.errors.items())]
+    if listed and dist.is_main:  # even with --quiet: the run's exit code 3 needs its reason
+        warn(f"{len(listed)} unreadable image(s) skipped ({len(skipped[0].errors)} training, "
+             f"{len(skipped[1].errors)} validation); the summary lists them")
     return {"model": run.arch, "classes": len(run.splits.classes), "train_images": len(run.splits.train_paths),
             "val_images": len(run.splits.val_paths), "epochs": epochs_done, "best_epoch": best[1],
             "best_val_acc": best[0], "stopped_early": stopped_early, "skipped_images": len(listed),

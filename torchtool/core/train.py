@@ -344,12 +344,12 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
     try:
         run = runstate.prepare(cfg, dist, resume=resume, overwrite=overwrite, export=export, tensorboard=tensorboard)
         with determinism(cfg.deterministic):
-            return _loop(cfg, run, dist, quiet=quiet, tensorboard=tensorboard)
+            return _loop(cfg, run, dist, quiet=quiet)
     finally:
         close_distributed()
 
 
-def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool, tensorboard: bool) -> dict[str, Any]:
+def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool) -> dict[str, Any]:
     from torchtool.core import runstate
     from torchtool.core.trainlog import RunLog
 
@@ -359,7 +359,7 @@ def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool, tensorboard: b
     loaders = runstate.loaders(cfg, run, dist, device)
     skipped = (Skipped(run.splits.train_paths, cfg.strict), Skipped(run.splits.val_paths, cfg.strict))
     start, best_acc, best_epoch, history = runstate.restore(run, step, schedule, dist)
-    log = RunLog(run.out, history, cfg.epochs, tensorboard=tensorboard, quiet=quiet) if dist.is_main else None
+    log = RunLog(run.out, history, cfg.epochs, tensorboard=run.tensorboard, quiet=quiet) if dist.is_main else None
     stopped_early, done, began = False, start, time.perf_counter()
 
     # --- the loop: train, validate, schedule, checkpoint, log ---
