@@ -1,0 +1,210 @@
+"""torchtool finetune from the command line: files, summary, errors, kill and resume, torchrun, real accuracy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.finetune_data import add_broken_images, write_digits
+from torchtool.cli import app
+from torchtool.core.checkpoint import load_checkpoint, read_weights_file
+from torchtool.core.models import build_model
+
+runner = CliRunner()
+SMALL = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "16",
+         "--workers", "0", "--augment", "none", "--epochs", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def digits4(tmp_path_factory) -> Path:
+    """4 digits, 16 train + 4 val images each (train/ and val/ folders), 32 px."""
+    return write_digits(tmp_path_factory.mktemp("digits4"), labels=range(4), train_per_class=16, val_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def digits_flat(tmp_path_factory) -> Path:
+    """3 digits, 20 images each, all in DATA/<digit>/ (for --val-split)."""
+    return write_digits(tmp_path_factory.mktemp("digits_flat"), labels=range(3), train_per_class=20,
+                        val_per_class=0, layout="flat")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["finetune", *map(str, args)])
+
+
+def test_end_to_end_through_the_installed_executable(run_torchtool, digits4, tmp_path):
+    out, export = tmp_path / "run", tmp_path / "shared" / "digits.safetensors"
+    proc = run_torchtool("finetune", str(digits4), "--out", str(out), *SMALL[:-1], "--epochs", "2", "--json",
+                         "--export-weights", str(export), "--label-smoothing", "0.1", "--warmup-epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)  # stdout holds the summary and nothing else
+    assert summary["epochs"] == 2 and summary["classes"] == 4 and summary["train_images"] == 64
+    assert summary["val_images"] == 16 and summary["skipped_images"] == 0 and 0 <= summary["best_val_acc"] <= 1
+    assert summary["best"] == str(out / "best.pth") and summary["export"] == str(export)
+    assert "epoch 1/2" in proc.stderr and "epoch 2/2" in proc.stderr  # the per-epoch log lines
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds" and len(lines) == 3
+    assert [float(line.split(",")[5]) for line in lines[1:]] == pytest.approx([0.005, 0.01])  # warm-up, then lr
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = load_checkpoint(out / "best.pth")
+    assert best["epoch"] == summary["best_epoch"] and best["best_metric"] == summary["best_val_acc"]
+    shared = read_weights_file(export)
+    assert shared.arch == "mobilenet_v3_small" and shared.classes == ["0", "1", "2", "3"]
+    assert shared.preprocess["crop_size"] == 32
+    assert all(torch.equal(v, best["model"][k]) for k, v in shared.state_dict.items())
+    assert build_model(None, str(export)).num_classes == 4  # loadable without naming the model
+
+
+def test_val_split_is_stratified_and_stored_for_evaluate(digits_flat, tmp_path):
+    result = invoke(digits_flat, "--out", tmp_path / "run", "--val-split", "0.25", *SMALL, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["val_images"] == 15
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pth")
+    assert Path(ckpt["val_dir"]) == digits_flat.resolve()
+    assert sorted({Path(f).parent.name for f in ckpt["val_files"]}) == ["0", "1", "2"]
+    assert [sum(Path(f).parent.name == d for f in ckpt["val_files"]) for d in "012"] == [5, 5, 5]
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), [
+    (lambda d, o: o.mkdir() or (o / "metrics.csv").write_text("x"), [], "already exists"),
+    (lambda d, o: None, ["--resume-from", "nowhere.pth"], "no such checkpoint"),
+    (lambda d, o: None, ["--export-weights", "w.pth"], "must end in .safetensors"),
+    (lambda d, o: None, ["--resume", "--overwrite"], "contradict"),
+    (lambda d, o: None, ["--schedule", "multistep"], "needs --milestones"),
+    (lambda d, o: None, ["--warmup-epochs", "1"], "leaves no epoch"),
+    (lambda d, o: None, ["--model", "resnet19"], "unknown model"),
+    (lambda d, o: (d / "train" / "7").mkdir(), [], "without images"),
+    (lambda d, o: shutil.copytree(d / "val" / "0", d / "val" / "8"), [], "unknown to training: 8"),
+    (lambda d, o: shutil.rmtree(d / "val"), [], "no validation images"),
+], ids=["out-exists", "resume-missing", "export-suffix", "resume-and-overwrite", "milestones", "warmup",
+        "model", "empty-class", "unknown-val-class", "no-val"])
+def test_bad_inputs_fail_before_training(digits4, tmp_path, setup, args, message):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(digits4, data)
+    setup(data, out)
+    before = sorted(out.iterdir()) if out.exists() else None
+    result = invoke(data, "--out", out, *SMALL, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.startswith("torchtool: error:")
+    assert result.stdout == ""
+    assert (sorted(out.iterdir()) if out.exists() else None) == before  # nothing written
+
+
+def test_model_is_required_and_overwrite_starts_again(digits4, tmp_path):
+    result = invoke(digits4, "--out", tmp_path / "run", "--weights", "none", "--quiet")
+    assert result.exit_code == 2 and "--model is required" in result.stderr
+    assert invoke(digits4, "--out", tmp_path / "run", *SMALL, "--epochs", "2").exit_code == 0
+    result = invoke(digits4, "--out", tmp_path / "run", *SMALL, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2  # header + the new run's epoch
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["epoch"] == 1
+
+
+def test_unreadable_images_exit_3_and_strict_exit_1(digits4, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits4, data)
+    broken = add_broken_images(data / "train" / "2", next((data / "train" / "2").iterdir()))
+    result = invoke(data, "--out", tmp_path / "run", *SMALL, "--json")
+    assert result.exit_code == 3, result.output
+    summary = json.loads(result.stdout)
+    assert summary["skipped_images"] == 3 and {Path(s["path"]) for s in summary["skipped"]} == set(broken)
+    assert "3 unreadable image(s) skipped (3 training, 0 validation)" in result.stderr  # even with --quiet
+    assert (tmp_path / "run" / "best.pth").is_file()  # the epoch still finished and was saved
+    strict = invoke(data, "--out", tmp_path / "strict", *SMALL, "--strict")
+    assert strict.exit_code == 1
+    assert "cannot read" in strict.stderr and "zz_" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_tensorboard_missing_says_how_to_install(digits4, tmp_path):
+    if importlib.util.find_spec("tensorboard"):
+        pytest.skip("tensorboard is installed here")
+    result = invoke(digits4, "--out", tmp_path / "run", *SMALL[:-1], "--tensorboard")
+    assert result.exit_code == 0
+    assert "pip install tensorboard" in result.stderr and (tmp_path / "run" / "metrics.csv").is_file()
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(torchtool_exe, digits4, tmp_path):
+    args = [str(digits4), *SMALL[:-1], "--epochs", "3", "--deterministic", "--augment", "light", "--mixup", "0.2",
+            "--quiet"]
+    straight = runner.invoke(app, ["finetune", *args, "--out", str(tmp_path / "straight")])
+    assert straight.exit_code == 0, straight.output
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([str(torchtool_exe), "finetune", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # kill it once epoch 1 is on disk
+        if (out / "metrics.csv").is_file() and len((out / "metrics.csv").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(out / "last.pth")["epoch"] if (out / "last.pth").exists() else 0
+
+    resumed = runner.invoke(app, ["finetune", *args, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pth"), load_checkpoint(out / "last.pth")
+    assert killed_at >= 1 and b["epoch"] == 3
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_torchrun_two_processes_match_one_with_the_same_global_batch(run_python, digits4, tmp_path,
+                                                                     resnet18_weights_pth):
+    common = [str(digits4), "--model", "resnet18", "--weights", str(resnet18_weights_pth), "--image-size", "32",
+              "--workers", "0", "--augment", "light", "--epochs", "2", "--freeze-backbone", "--lr", "0.05",
+              "--device", "cpu", "--json"]
+    env = {"OMP_NUM_THREADS": "1"}
+    ddp = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torchtool", "finetune", *common,
+                     "--batch-size", "8", "--out", str(tmp_path / "ddp"), env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = run_python("-m", "torchtool", "finetune", *common, "--batch-size", "16", "--out", str(tmp_path / "one"),
+                     env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    s_ddp, s_one = json.loads(ddp.stdout), json.loads(one.stdout)  # one summary: only rank 0 prints
+    assert s_ddp["train_images"] == s_one["train_images"] == 64
+    assert ddp.stderr.count("epoch 2/2") == 1  # only rank 0 logs
+    a, b = load_checkpoint(tmp_path / "ddp" / "last.pth"), load_checkpoint(tmp_path / "one" / "last.pth")
+    assert len(a["rng"]) == 2 and len(b["rng"]) == 1
+    for key in ("fc.weight", "fc.bias"):
+        assert torch.allclose(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-6), key
+    for row_a, row_b in zip(a["history"], b["history"]):
+        for col in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert row_a[col] == pytest.approx(row_b[col], rel=1e-4), col
+
+
+def test_sync_bn_on_cpu_under_torchrun_is_refused(run_python, digits4, tmp_path):
+    proc = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torchtool", "finetune",
+                      str(digits4), "--out", str(tmp_path / "run"), *SMALL, "--sync-bn", "--device", "cpu",
+                      env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode != 0
+    assert "--sync-bn needs CUDA" in proc.stderr and not (tmp_path / "run" / "last.pth").exists()
+
+
+@pytest.fixture(scope="module")
+def all_digits(tmp_path_factory) -> Path:
+    """All 1,797 digits, 20% of each class held out for validation, 32 px."""
+    return write_digits(tmp_path_factory.mktemp("all_digits"))
+
+
+def test_resnet18_from_scratch_reaches_95_percent_on_real_digits_in_5_epochs(all_digits, tmp_path):
+    result = invoke(all_digits, "--out", tmp_path / "run", "--model", "resnet18", "--weights", "none",
+                    "--image-size", "32", "--augment", "none", "--epochs", "5", "--batch-size", "64",
+                    "--optimizer", "sgd", "--lr", "0.05", "--workers", "0", "--seed", "0", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["train_images"] + summary["val_images"] == 1797
+    assert summary["best_val_acc"] >= 0.95, summary
+    assert summary["epochs"] <= 5
