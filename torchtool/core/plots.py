@@ -18,7 +18,9 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    fig = Figure(figsize=(13, 3.8))
+    # Fixed margins: a layout engine would cost a third of the ~0.3 s this takes every epoch.
+    fig.subplots_adjust(left=0.05, right=0.985, bottom=0.14, top=0.91, wspace=0.25)
     loss, acc, lr = fig.subplots(1, 3)
     for ax, key, title in ((loss, "loss", "loss"), (acc, "acc", "accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train", ms=3)

@@ -140,8 +140,9 @@ def build(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> tuple
         warn("--sync-bn only matters under torchrun with several processes; ignored")
     frozen = freeze_backbone(model, built.head) if cfg.freeze_backbone else []
     groups = param_groups(model, built.head, cfg)
-    # channels_last speeds up convolutions on CUDA (tensor cores); on CPU it measured slower.
-    channels_last = device.type == "cuda"
+    # channels_last: tensor cores on CUDA; on a 2-core CPU it measured 13-31% faster training steps at
+    # 224 px (resnet18/50, mobilenet_v3_small, efficientnet_b0) and the same speed at 32 px.
+    channels_last = device.type in ("cuda", "cpu")
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     wrapped = model
     if dist.enabled:
@@ -241,7 +242,11 @@ def gather_rng(dist: Dist) -> list[dict[str, Any]]:
 
 def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epoch: int, best: tuple[float, int],
          history: list[dict[str, Any]], rng: list[dict[str, Any]], improved: bool) -> None:
-    """OUT/last.pth, and OUT/best.pth when this epoch improved; both atomic."""
+    """OUT/last.pth, and OUT/best.pth when this epoch improved; both atomic.
+
+    Written before the next epoch starts: writing on a background thread measured slower on a
+    2-core CPU (the writer competes with the training threads for cores and the GIL).
+    """
     s = run.splits
     state = {"arch": run.arch, "classes": s.classes, "model": model.state_dict(),
              "preprocess": run.preprocess.to_dict(), "config": asdict(run.cfg), "epoch": epoch,

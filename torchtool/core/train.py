@@ -11,16 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from torchtool.core import augment, traindata
+from torchtool.core import augment
 from torchtool.core.device import Dist, autocast, close_distributed, init_distributed, resolve_device
-from torchtool.core.output import Failure, UsageError, progress, warn
+from torchtool.core.output import Failure, UsageError, progress
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "multistep", "plateau", "none")
@@ -79,7 +79,7 @@ class TrainConfig:
         if self.augment not in augment.AUGMENTS:
             raise UsageError(f"unknown augmentation {self.augment!r}", hint=f"choose from: {', '.join(augment.AUGMENTS)}")
         if self.schedule == "multistep" and not self.milestones:
-            raise UsageError("--schedule multistep needs --milestones", hint="e.g. --milestones 30 --milestones 60")
+            raise UsageError("--schedule multistep needs --milestones", hint="e.g. --milestones 30,60")
         if self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs:
             raise UsageError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the schedule",
                              hint=f"use fewer than --epochs {self.epochs}")
@@ -241,26 +241,29 @@ def train_one_epoch(step: Step, loader: Any, skipped: Skipped, bar: Any) -> torc
     step.model.train()
     for module in step.frozen_norms:
         module.eval()
-    dev = step.device
+    dev, seen, shown = step.device, 0, time.monotonic()
     # Running sums stay on the device: reading them (.item()) each batch would force a sync.
-    totals = torch.zeros(3, dtype=torch.float64, device=dev)
-    shown = time.monotonic()
+    totals = torch.zeros(2, dtype=torch.float64, device=dev)
     for images, targets, indices, errors in loader:
+        whole = images
         if any(errors):
             images, targets = skipped.drop(images, targets, indices, errors)
+        n = targets.shape[0]
+        bar.update(len(errors))
+        if n == 0:
+            if not isinstance(step.model, nn.parallel.DistributedDataParallel):
+                continue
+            # Every image unreadable: the other processes still expect this step's all-reduce,
+            # so take part with a zero loss (the placeholder images touch only BatchNorm statistics).
+            images, targets = whole, torch.zeros(len(errors), dtype=torch.long)
         images = images.to(dev, non_blocking=True)
         targets = targets.to(dev, non_blocking=True)
         if step.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        n = targets.shape[0]
-        if n == 0:  # every image of the batch unreadable: still take part in DDP's all-reduce
-            loss = sum(p.sum() for p in step.model.parameters() if p.requires_grad) * 0.0
-            logits = None
-        else:
-            logits, loss = _forward_loss(step, images, targets)
-        total = loss
+        logits, loss = _forward_loss(step, images, targets)
+        total = loss if n else loss * 0.0
         if step.cfg.l1 and n:
-            total = loss + step.cfg.l1 * sum(p.abs().sum() for p in step.l1_params)
+            total = total + step.cfg.l1 * sum(p.abs().sum() for p in step.l1_params)
         step.optimizer.zero_grad(set_to_none=True)
         step.scaler.scale(total).backward()
         if step.cfg.clip_grad_norm:
@@ -269,29 +272,28 @@ def train_one_epoch(step: Step, loader: Any, skipped: Skipped, bar: Any) -> torc
                                      step.cfg.clip_grad_norm)
         step.scaler.step(step.optimizer)
         step.scaler.update()
-        if logits is not None:
-            totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double(),
-                                   torch.tensor(float(n), dtype=torch.float64, device=dev)])
-        bar.update(len(errors))
+        if n:
+            totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double()])
+            seen += n
         if not bar.disable and time.monotonic() - shown > 1:  # only when a person watches: one sync a second
             shown = time.monotonic()
             t = totals.tolist()
-            bar.set_postfix(loss=f"{t[0] / max(t[2], 1):.4f}", acc=f"{t[1] / max(t[2], 1):.3f}",
+            bar.set_postfix(loss=f"{t[0] / max(seen, 1):.4f}", acc=f"{t[1] / max(seen, 1):.3f}",
                             lr=f"{step.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
-    return totals
+    return torch.cat([totals, totals.new_tensor([seen])])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, step: Step, skipped: Skipped, bar: Any) -> torch.Tensor:
     """[loss sum, correct, images] over this process's share of the validation data (plain cross-entropy)."""
     model.eval()
-    dev = step.device
-    totals = torch.zeros(3, dtype=torch.float64, device=dev)
+    dev, seen = step.device, 0
+    totals = torch.zeros(2, dtype=torch.float64, device=dev)
     for images, targets, indices, errors in loader:
         if any(errors):
             images, targets = skipped.drop(images, targets, indices, errors)
+        bar.update(len(errors))
         if targets.shape[0] == 0:
-            bar.update(len(errors))
             continue
         images, targets = images.to(dev, non_blocking=True), targets.to(dev, non_blocking=True)
         if step.channels_last:
@@ -299,10 +301,9 @@ def evaluate(model: nn.Module, loader: Any, step: Step, skipped: Skipped, bar: A
         with autocast(dev, step.cfg.amp):
             logits = model(images)
         loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-        totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
-                               torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=dev)])
-        bar.update(len(errors))
-    return totals
+        totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double()])
+        seen += targets.shape[0]
+    return torch.cat([totals, totals.new_tensor([seen])])
 
 
 def all_reduce(totals: torch.Tensor, dist: Dist) -> list[float]:
@@ -377,20 +378,21 @@ def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool) -> dict[str, A
             val = all_reduce(evaluate(model, loaders.val, step, skipped[1], bar), dist)
         row = {"epoch": epoch + 1, "train_loss": train[0] / max(train[2], 1), "train_acc": train[1] / max(train[2], 1),
                "val_loss": val[0] / max(val[2], 1), "val_acc": val[1] / max(val[2], 1),
-               "lr": step.optimizer.param_groups[0]["lr"]}
+               "lr": step.optimizer.param_groups[0]["lr"], "seconds": 0.0}
         schedule.step(row["val_acc"])
         improved = row["val_acc"] > best_acc
         if improved:
             best_acc, best_epoch = row["val_acc"], epoch + 1
         runstate.note_skipped(skipped, dist, quiet)
         rng = runstate.gather_rng(dist)  # a collective: every rank takes part
-        row["seconds"] = time.perf_counter() - t0
-        if dist.is_main:
-            runstate.save(run, step, schedule, model, epoch=epoch + 1, best=(best_acc, best_epoch),
-                          history=[*log.history, row], rng=rng, improved=improved)
-            log.epoch(row)
-        dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is on disk
+        history.append(row)
         done = epoch + 1
+        if dist.is_main:
+            row["seconds"] = time.perf_counter() - t0  # so far; the log adds the checkpoint and plot time
+            runstate.save(run, step, schedule, model, epoch=done, best=(best_acc, best_epoch), history=history,
+                          rng=rng, improved=improved)
+            log.epoch(row, started=t0)
+        dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is on disk
 
     # --- finish: export the best weights, summarise ---
     if log is not None:

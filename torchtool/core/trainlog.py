@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,15 @@ class RunLog:
 
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=len(self.history) + 1)
 
-    def epoch(self, row: Mapping[str, Any]) -> None:
-        """Record one finished epoch everywhere."""
-        self.history.append(dict(row))
+    def epoch(self, row: dict[str, Any], started: float | None = None) -> None:
+        """Record one finished epoch everywhere; ``started`` (perf_counter) makes row["seconds"] whole."""
+        self.history.append(row)
+        plot_curves(self.history, self.curves_path)
+        if started is not None:  # the epoch's wall time, its checkpoint and this plot included
+            row["seconds"] = time.perf_counter() - started
         self._writer.writerow(row)
         self._csv.flush()
         os.fsync(self._csv.fileno())
-        plot_curves(self.history, self.curves_path)
         if self.tb is not None:
             for key in COLUMNS[1:]:
                 self.tb.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])  # train/loss, val/acc, ...
