@@ -110,6 +110,39 @@ def test_model_is_required_and_overwrite_starts_again(digits4, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pth")["epoch"] == 1
 
 
+def test_resume_keeps_the_runs_settings_and_takes_only_the_options_given(digits4, tmp_path):
+    out = tmp_path / "run"
+    first = invoke(digits4, "--out", out, *SMALL, "--epochs", "2", "--optimizer", "adamw", "--lr", "0.002",
+                   "--label-smoothing", "0.1")
+    assert first.exit_code == 0, first.output
+    # The short form: no recipe flags, a longer run.
+    more = invoke(digits4, "--out", out, "--resume", "--epochs", "3", "--workers", "0", "--quiet")
+    assert more.exit_code == 0, more.output
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["epoch"] == 3 and len((out / "metrics.csv").read_text().splitlines()) == 4
+    config = ckpt["config"]
+    assert (config["optimizer"], config["lr"], config["label_smoothing"], config["image_size"]) == \
+        ("adamw", 0.002, 0.1, 32)
+    assert "epochs 2 -> 3" in more.stderr and "optimizer" not in more.stderr  # only what changed is reported
+    clash = invoke(digits4, "--out", out, "--resume", "--optimizer", "sgd", "--epochs", "4", "--quiet")  # the default
+    assert clash.exit_code == 2 and "cannot resume with a different --optimizer" in clash.stderr
+
+
+def test_command_defaults_are_the_configs_defaults():
+    import dataclasses
+    import inspect
+
+    from torchtool.commands.finetune import run
+    from torchtool.core.train import RESUMABLE, TrainConfig
+
+    options = {name: p.default for name, p in inspect.signature(run).parameters.items()}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUMABLE or f.name == "milestones":
+            continue
+        assert options[f.name] == f.default, f.name  # --resume tells given options by their defaults
+    assert options["milestones"] == "" and TrainConfig(data=".", out=".").milestones == []
+
+
 def test_unreadable_images_exit_3_and_strict_exit_1(digits4, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(digits4, data)

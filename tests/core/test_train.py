@@ -17,7 +17,8 @@ from torchtool.core.data import ImageDataset, eval_transform
 from torchtool.core.device import seed_everything
 from torchtool.core.models import build_model, find_head
 from torchtool.core.output import Failure, UsageError
-from torchtool.core.train import EpochSchedule, TrainConfig, build_optimizer, determinism, fit, param_groups
+from torchtool.core.runstate import determinism
+from torchtool.core.train import EpochSchedule, TrainConfig, build_optimizer, fit, param_groups
 from torchtool.core.traindata import find_splits, stratified_split
 
 

@@ -47,8 +47,8 @@ def run(
                                                rich_help_panel=Recipe)] = 1,
     freeze_backbone: Annotated[bool, typer.Option(help="Train only the new head (backbone BatchNorm frozen too).",
                                                   rich_help_panel=Recipe)] = False,
-    optimizer: Annotated[Literal["sgd", "adamw"], typer.Option(help="SGD (momentum 0.9) or AdamW.",
-                                                               rich_help_panel=Recipe)] = "sgd",
+    optimizer: Annotated[Optional[Literal["sgd", "adamw"]], typer.Option(
+        help="SGD with momentum 0.9 (the default) or AdamW.", rich_help_panel=Recipe)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0, help="Learning rate of the head (default: 0.01 for SGD, "
                                                 "0.001 for AdamW).", rich_help_panel=Recipe)] = None,
     backbone_lr: Annotated[Optional[float], typer.Option(min=0, help="Learning rate of the rest (default: --lr).",
@@ -88,8 +88,10 @@ def run(
     sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over all processes.",
                                           rich_help_panel=Run)] = False,
     device: Device = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pth (starts afresh when "
-                                         "there is none yet).", rich_help_panel=Run)] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pth with the run's settings; "
+                                         "options given with other than their default values override them (e.g. "
+                                         "--epochs 30 to train longer). Starts afresh when there is no checkpoint yet.",
+                                         rich_help_panel=Run)] = False,
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (a last.pth or best.pth), "
                                                         "writing to --out.", rich_help_panel=Run)] = None,
     overwrite: Overwrite = False,

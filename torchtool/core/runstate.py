@@ -9,10 +9,11 @@ optimizer, scheduler, scaler, rng (one entry per process), val_dir, val_files, h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torchtool.core.data import ImageDataset, lower_priority, make_loader, prepr
 from torchtool.core.device import Dist, amp_dtype, resolve_device, seed_everything
 from torchtool.core.models import Preprocess, WeightsChoice, build_model, check_arch, resolve_weights
 from torchtool.core.output import UsageError, atomic_path, check_writable, warn
-from torchtool.core.train import RESUMABLE, EpochSchedule, Skipped, Step, TrainConfig, build_optimizer, \
+from torchtool.core.train import FIXED_ON_RESUME, RESUMABLE, EpochSchedule, Skipped, Step, TrainConfig, build_optimizer, \
     freeze_backbone, param_groups
 from torchtool.core.trainlog import TENSORBOARD_HINT, tensorboard_available
 
@@ -68,9 +69,8 @@ def prepare(cfg: TrainConfig, dist: Dist, *, resume: str | None, overwrite: bool
         check_writable(export_path, overwrite)
     weights = None
     if checkpoint is not None:
+        cfg = resumed_config(cfg, checkpoint["config"], dist)
         arch = checkpoint["arch"]
-        if cfg.model and cfg.model != arch:
-            raise UsageError(f"the checkpoint holds a {arch} model, not {cfg.model}", hint=f"pass --model {arch}")
         if list(checkpoint["classes"]) != splits.classes:
             raise UsageError("the data's classes differ from the checkpoint's",
                              hint="resume with the same DATA the run started with")
@@ -87,8 +87,6 @@ def prepare(cfg: TrainConfig, dist: Dist, *, resume: str | None, overwrite: bool
         if dist.is_main:
             warn(TENSORBOARD_HINT)
         tensorboard = False
-    if checkpoint is not None and dist.is_main:
-        _warn_config_changes(checkpoint.get("config", {}), asdict(cfg))
     if dist.is_main and overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -112,11 +110,28 @@ def _load_resume(out: Path, resume: str) -> dict[str, Any] | None:
     return state
 
 
-def _warn_config_changes(before: dict[str, Any], now: dict[str, Any]) -> None:
-    changed = [k for k in now if k not in RESUMABLE and k in before and before[k] != now[k]]
-    if changed:
+def resumed_config(cli: TrainConfig, stored: dict[str, Any], dist: Dist) -> TrainConfig:
+    """The checkpoint's configuration, overridden by the options given on this command line.
+
+    An option counts as given when it differs from its default, so `finetune DATA -o OUT --resume`
+    continues the run as it was, and `--epochs 30 --resume` extends it.
+    """
+    values: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        now = getattr(cli, f.name)
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        given = f.name in RESUMABLE or f.name not in stored or (now != default and f.name not in cli._unset)
+        values[f.name] = now if given else stored[f.name]
+    changed = [k for k in values if k not in RESUMABLE and k in stored and values[k] != stored[k]]
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        raise UsageError(f"cannot resume with a different {', '.join('--' + k.replace('_', '-') for k in fixed)}",
+                         hint=f"the checkpoint was trained with {', '.join(f'{k}={stored[k]!r}' for k in fixed)}")
+    if changed and dist.is_main:
         warn("resuming with settings that differ from the checkpoint's, so the run will not match an "
-             "uninterrupted one: " + ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed))
+             "uninterrupted one: " + ", ".join(f"{k} {stored[k]!r} -> {values[k]!r}" for k in changed))
+    return TrainConfig(**values)
 
 
 def build(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> tuple[Step, EpochSchedule, nn.Module]:
@@ -203,6 +218,33 @@ def restore(run: Run, step: Step, schedule: EpochSchedule, dist: Dist) -> tuple[
              "random state is approximate")
     set_rng_state(states[dist.rank % len(states)])
     return int(ckpt["epoch"]), float(ckpt["best_metric"]), int(ckpt["best_epoch"]), list(ckpt["history"])
+
+
+def all_reduce(totals: torch.Tensor, dist: Dist) -> list[float]:
+    """Sum over processes, then read back once: every rank gets the same numbers."""
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(totals)
+    return totals.tolist()
+
+
+@contextlib.contextmanager
+def determinism(deterministic: bool):
+    """--deterministic: deterministic algorithms and cuDNN; otherwise cuDNN autotuning. Restored after."""
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    # warn_only: an op without a deterministic kernel warns instead of stopping a long run.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = deterministic, not deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
 
 
 def rng_state() -> dict[str, Any]:

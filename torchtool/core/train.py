@@ -8,8 +8,6 @@ metrics are all-reduced so every rank agrees, and only rank 0 writes files or dr
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +25,9 @@ SCHEDULES = ("cosine", "step", "multistep", "plateau", "none")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-# Settings that may change on --resume without changing the result.
+# Settings that may change on --resume without changing the result, and settings that cannot change.
 RESUMABLE = ("data", "out", "device", "workers", "strict")
+FIXED_ON_RESUME = ("model", "optimizer", "freeze_backbone", "decay_all")
 
 
 @dataclass
@@ -47,7 +46,7 @@ class TrainConfig:
     augment: str = "standard"
     rcm: int = 0
     rcm_neighbour: int = 1
-    optimizer: str = "sgd"
+    optimizer: str | None = None  # None: sgd
     lr: float | None = None  # None: DEFAULT_LR of the optimizer
     backbone_lr: float | None = None  # None: same as lr
     freeze_backbone: bool = False
@@ -72,6 +71,10 @@ class TrainConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        # Resolve defaults so the stored config holds the values actually used (remembering which
+        # were left unset: --resume takes those from the checkpoint).
+        self._unset = {k for k in ("optimizer", "lr", "backbone_lr", "weight_decay") if getattr(self, k) is None}
+        self.optimizer = self.optimizer or "sgd"
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}", hint=f"choose from: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -83,7 +86,6 @@ class TrainConfig:
         if self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs:
             raise UsageError(f"--warmup-epochs {self.warmup_epochs} leaves no epoch of the schedule",
                              hint=f"use fewer than --epochs {self.epochs}")
-        # Resolve optimizer-dependent defaults so the stored config holds the numbers actually used.
         self.lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
         self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay
         self.backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr
@@ -306,33 +308,6 @@ def evaluate(model: nn.Module, loader: Any, step: Step, skipped: Skipped, bar: A
     return torch.cat([totals, totals.new_tensor([seen])])
 
 
-def all_reduce(totals: torch.Tensor, dist: Dist) -> list[float]:
-    """Sum over processes, then read back once: every rank gets the same numbers."""
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        tdist.all_reduce(totals)
-    return totals.tolist()
-
-
-@contextlib.contextmanager
-def determinism(deterministic: bool):
-    """--deterministic: deterministic algorithms and cuDNN; otherwise cuDNN autotuning. Restored after."""
-    cudnn = torch.backends.cudnn
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              cudnn.deterministic, cudnn.benchmark)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-    # warn_only: an op without a deterministic kernel warns instead of stopping a long run.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    cudnn.deterministic, cudnn.benchmark = deterministic, not deterministic
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
-
-
 def fit(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, quiet: bool = False,
         tensorboard: bool = False, export: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` and return the run's summary (best epoch, accuracy, paths, skipped images).
@@ -344,8 +319,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False,
     dist = init_distributed(cfg.device)
     try:
         run = runstate.prepare(cfg, dist, resume=resume, overwrite=overwrite, export=export, tensorboard=tensorboard)
-        with determinism(cfg.deterministic):
-            return _loop(cfg, run, dist, quiet=quiet)
+        with runstate.determinism(run.cfg.deterministic):
+            return _loop(run.cfg, run, dist, quiet=quiet)  # run.cfg: with --resume, merged with the checkpoint's
     finally:
         close_distributed()
 
@@ -372,10 +347,10 @@ def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool) -> dict[str, A
         loaders.train.sampler.set_epoch(epoch)  # this epoch's order and augmentations, same on resume
         with progress(total=len(loaders.train.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                       quiet=quiet or not dist.is_main) as bar:
-            train = all_reduce(train_one_epoch(step, loaders.train, skipped[0], bar), dist)
+            train = runstate.all_reduce(train_one_epoch(step, loaders.train, skipped[0], bar), dist)
         with progress(total=len(loaders.val.dataset), desc="validate", unit="img",
                       quiet=quiet or not dist.is_main) as bar:
-            val = all_reduce(evaluate(model, loaders.val, step, skipped[1], bar), dist)
+            val = runstate.all_reduce(evaluate(model, loaders.val, step, skipped[1], bar), dist)
         row = {"epoch": epoch + 1, "train_loss": train[0] / max(train[2], 1), "train_acc": train[1] / max(train[2], 1),
                "val_loss": val[0] / max(val[2], 1), "val_acc": val[1] / max(val[2], 1),
                "lr": step.optimizer.param_groups[0]["lr"], "seconds": 0.0}
