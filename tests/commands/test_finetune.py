@@ -73,6 +73,10 @@ def test_val_split_is_stratified_and_stored_for_evaluate(digits_flat, tmp_path):
     assert Path(ckpt["val_dir"]) == digits_flat.resolve()
     assert sorted({Path(f).parent.name for f in ckpt["val_files"]}) == ["0", "1", "2"]
     assert [sum(Path(f).parent.name == d for f in ckpt["val_files"]) for d in "012"] == [5, 5, 5]
+    # Resuming needs neither --val-split nor the seed again: the same images stay held out.
+    more = invoke(digits_flat, "--out", tmp_path / "run", "--resume", "--epochs", "2", "--workers", "0", "--quiet")
+    assert more.exit_code == 0, more.output
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["val_files"] == ckpt["val_files"]
 
 
 @pytest.mark.parametrize(("setup", "args", "message"), [

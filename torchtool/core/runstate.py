@@ -51,25 +51,26 @@ class Run:
 def prepare(cfg: TrainConfig, dist: Dist, *, resume: str | None, overwrite: bool, export: str | None,
             tensorboard: bool) -> Run:
     """Check every input before anything expensive happens; clear OUT for --overwrite."""
-    splits = traindata.find_splits(cfg.data, cfg.val_split, cfg.seed)
     out = Path(cfg.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out} is a file", hint="give a folder for the run's checkpoints and logs")
     if resume is not None and overwrite:
         raise UsageError("--resume and --overwrite contradict each other", hint="continue a run, or start it again")
-    checkpoint = _load_resume(out, resume) if resume is not None else None
+    checkpoint = _load_resume(out, resume, dist) if resume is not None else None
+    if checkpoint is not None:
+        cfg = resumed_config(cfg, checkpoint["config"], dist)  # before the data: --val-split and --seed may come from it
     if resume is None and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} already exists", hint="pass --resume to continue that run, --overwrite to start "
                          "it again, or choose another --out")
+    splits = traindata.find_splits(cfg.data, cfg.val_split, cfg.seed)
     export_path = None
     if export:
         export_path = Path(export).expanduser().resolve()
         if export_path.suffix != ".safetensors":
             raise UsageError(f"--export-weights {export} must end in .safetensors")
-        check_writable(export_path, overwrite)
+        check_writable(export_path, overwrite or resume is not None)  # a resumed run may replace its own export
     weights = None
     if checkpoint is not None:
-        cfg = resumed_config(cfg, checkpoint["config"], dist)
         arch = checkpoint["arch"]
         if list(checkpoint["classes"]) != splits.classes:
             raise UsageError("the data's classes differ from the checkpoint's",
@@ -97,12 +98,13 @@ def prepare(cfg: TrainConfig, dist: Dist, *, resume: str | None, overwrite: bool
     return Run(cfg, out, splits, arch, weights, checkpoint, export_path, tensorboard)
 
 
-def _load_resume(out: Path, resume: str) -> dict[str, Any] | None:
+def _load_resume(out: Path, resume: str, dist: Dist) -> dict[str, Any] | None:
     path = Path(resume).expanduser() if resume else out / "last.pth"
     if not path.is_file():
         if resume:
             raise UsageError(f"no such checkpoint: {resume}")
-        warn(f"no checkpoint in {out} yet: starting a new run")
+        if dist.is_main:
+            warn(f"no checkpoint in {out} yet: starting a new run")
         return None
     state = load_checkpoint(path)
     if not is_torchtool_checkpoint(state) or "optimizer" not in state:
