@@ -164,6 +164,7 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     loader = data.make_loader(dataset, cfg.batch_size, cfg.workers, pin_memory=dev.type == "cuda",
                               worker_init=data.lower_priority)
     bar = progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet or not dist.is_main)
+    loop_started = time.perf_counter()
     with torch.inference_mode(), bar:
         for x, _, local, errors in loader:
             rows = todo[local.numpy()]
@@ -188,7 +189,9 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     summary = {"rows": len(paths), "ok": counts["ok"], "skipped": counts["skipped"],
                "seconds": round(time.perf_counter() - started, 3), "out": str(out),
                "files": [str(out / f"{n}.npy") for n in names] + [str(out / "index.csv"), str(out / "meta.json")]}
-    summary["images_per_s"] = round(len(todo) * dist.world_size / max(summary["seconds"], 1e-9), 2)
+    # the rate of the extraction loop itself (model loading and start-up are in "seconds")
+    loop_seconds = time.perf_counter() - loop_started
+    summary["images_per_s"] = round(len(todo) * dist.world_size / max(loop_seconds, 1e-9), 2)
     if dist.is_main:
         store.write_index(paths)
         complete = counts["pending"] == 0
