@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -128,6 +129,9 @@ def test_resume_keeps_the_runs_settings_and_takes_only_the_options_given(digits4
     assert (config["optimizer"], config["lr"], config["label_smoothing"], config["image_size"]) == \
         ("adamw", 0.002, 0.1, 32)
     assert "epochs 2 -> 3" in more.stderr and "optimizer" not in more.stderr  # only what changed is reported
+    lrs = [float(line.split(",")[5]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    # epochs 1-2 on a 2-epoch cosine, epoch 3 where a 3-epoch cosine would be (not restarting, not flat at 0)
+    assert lrs == pytest.approx([0.002, 0.001, 0.002 * (1 + math.cos(2 * math.pi / 3)) / 2])
     clash = invoke(digits4, "--out", out, "--resume", "--optimizer", "sgd", "--epochs", "4", "--quiet")  # the default
     assert clash.exit_code == 2 and "cannot resume with a different --optimizer" in clash.stderr
 

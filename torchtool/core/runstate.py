@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import shutil
+import warnings
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from torchtool.core.train import FIXED_ON_RESUME, RESUMABLE, EpochSchedule, Skip
 from torchtool.core.trainlog import TENSORBOARD_HINT, tensorboard_available
 
 RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png")
+# Settings that shape the learning-rate schedule or the optimizer's hyperparameters.
+SCHEDULE_KEYS = ("epochs", "lr", "backbone_lr", "weight_decay", "schedule", "milestones", "gamma",
+                 "warmup_epochs", "plateau_patience")
 
 
 @dataclass
@@ -201,17 +205,36 @@ def loaders(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> Loa
                    make_loader(val, cfg.batch_size, cfg.workers, **kwargs))
 
 
-def restore(run: Run, step: Step, schedule: EpochSchedule, dist: Dist) -> tuple[int, float, int, list[dict[str, Any]]]:
-    """(first epoch to run, best val accuracy, best epoch, history); loads optimizer, schedule, scaler, RNG."""
+def restore(run: Run, step: Step, schedule: EpochSchedule,
+            dist: Dist) -> tuple[EpochSchedule, int, float, int, list[dict[str, Any]]]:
+    """(schedule, first epoch to run, best val accuracy, best epoch, history) of the run to continue.
+
+    Loads the optimizer, schedule, scaler and RNG states. When --resume changed the schedule
+    (--epochs, --lr, --schedule, ...), the schedule is rebuilt from the new settings and
+    replayed over the finished epochs instead, so the next epoch gets the learning rate the
+    new settings prescribe (a cosine stretched to the new length, not one restarting).
+    """
     ckpt = run.checkpoint
     if ckpt is None:
-        return 0, -1.0, 0, []
+        return schedule, 0, -1.0, 0, []
+    fresh = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in step.optimizer.param_groups]
     try:  # after the schedulers were built: building them rewrites the learning rates this restores
         step.optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         raise UsageError(f"the checkpoint's optimizer state does not fit this run ({exc})",
                          hint="resume with the same --freeze-backbone/--decay-all/--optimizer") from None
-    schedule.load_state_dict(ckpt["scheduler"])
+    history = list(ckpt["history"])
+    stored = ckpt["config"]
+    if any(stored.get(k) != getattr(run.cfg, k) for k in SCHEDULE_KEYS):
+        for group, new in zip(step.optimizer.param_groups, fresh):
+            group.update(new, lr=new["initial_lr"])
+        schedule = EpochSchedule(step.optimizer, run.cfg)
+        with warnings.catch_warnings():  # replaying without optimizer steps is the point here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler", category=UserWarning)
+            for row in history:
+                schedule.step(row["val_acc"])
+    else:
+        schedule.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
         step.scaler.load_state_dict(ckpt["scaler"])
     states = ckpt["rng"]
@@ -219,7 +242,7 @@ def restore(run: Run, step: Step, schedule: EpochSchedule, dist: Dist) -> tuple[
         warn(f"the checkpoint was written by {len(states)} process(es), this run has {dist.world_size}: "
              "random state is approximate")
     set_rng_state(states[dist.rank % len(states)])
-    return int(ckpt["epoch"]), float(ckpt["best_metric"]), int(ckpt["best_epoch"]), list(ckpt["history"])
+    return schedule, int(ckpt["epoch"]), float(ckpt["best_metric"]), int(ckpt["best_epoch"]), history
 
 
 def all_reduce(totals: torch.Tensor, dist: Dist) -> list[float]:

@@ -334,7 +334,7 @@ def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool) -> dict[str, A
     step, schedule, model = runstate.build(cfg, run, dist, device)
     loaders = runstate.loaders(cfg, run, dist, device)
     skipped = (Skipped(run.splits.train_paths, cfg.strict), Skipped(run.splits.val_paths, cfg.strict))
-    start, best_acc, best_epoch, history = runstate.restore(run, step, schedule, dist)
+    schedule, start, best_acc, best_epoch, history = runstate.restore(run, step, schedule, dist)
     log = RunLog(run.out, history, cfg.epochs, tensorboard=run.tensorboard, quiet=quiet) if dist.is_main else None
     stopped_early, done, began = False, start, time.perf_counter()
 
