@@ -45,7 +45,7 @@ def run(
                                      rich_help_panel=Recipe)] = 0,
     rcm_neighbour: Annotated[int, typer.Option(min=0, help="Most positions a block moves along rows, then columns.",
                                                rich_help_panel=Recipe)] = 1,
-    freeze_backbone: Annotated[bool, typer.Option(help="Train only the new head (backbone BatchNorm frozen too).",
+    freeze_backbone: Annotated[bool, typer.Option("--freeze-backbone", help="Train only the new head (backbone BatchNorm frozen too).",
                                                   rich_help_panel=Recipe)] = False,
     optimizer: Annotated[Optional[Literal["sgd", "adamw"]], typer.Option(
         help="SGD with momentum 0.9 (the default) or AdamW.", rich_help_panel=Recipe)] = None,
@@ -56,7 +56,7 @@ def run(
     weight_decay: Annotated[Optional[float], typer.Option(min=0, help="Weight decay (default: 1e-4 for SGD, 0.05 for "
                                                           "AdamW); never on biases and norm layers...",
                                                           rich_help_panel=Recipe)] = None,
-    decay_all: Annotated[bool, typer.Option(help="...unless this: decay every parameter.", rich_help_panel=Recipe)] = False,
+    decay_all: Annotated[bool, typer.Option("--decay-all", help="...unless this: decay every parameter.", rich_help_panel=Recipe)] = False,
     label_smoothing: Annotated[float, typer.Option(min=0, max=1, help="Label smoothing of the cross-entropy.",
                                                    rich_help_panel=Recipe)] = 0.0,
     mixup: Annotated[float, typer.Option(min=0, metavar="ALPHA", help="MixUp with Beta(ALPHA, ALPHA) (0: off).",
@@ -82,13 +82,13 @@ def run(
     patience: Annotated[Optional[int], typer.Option(min=1, help="Stop early after N epochs without a better "
                                                     "validation accuracy.", rich_help_panel=Schedule)] = None,
     seed: Seed = 0,
-    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms and cuDNN (slower; otherwise cuDNN "
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms and cuDNN (slower; otherwise cuDNN "
                                                 "autotunes).", rich_help_panel=Run)] = False,
     amp: Amp = False,
-    sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over all processes.",
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun on GPUs: BatchNorm statistics over all processes.",
                                           rich_help_panel=Run)] = False,
     device: Device = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pth with the run's settings; "
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pth with the run's settings; "
                                          "options given with other than their default values override them (e.g. "
                                          "--epochs 30 to train longer). Starts afresh when there is no checkpoint yet.",
                                          rich_help_panel=Run)] = False,
@@ -97,7 +97,7 @@ def run(
     overwrite: Overwrite = False,
     export_weights: Annotated[Optional[Path], typer.Option(metavar="FILE.safetensors", help="Write the best model's "
                                                            "weights here for sharing.", rich_help_panel=Run)] = None,
-    tensorboard: Annotated[bool, typer.Option(help="Also write TensorBoard event files to OUT/tensorboard.",
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to OUT/tensorboard.",
                                               rich_help_panel=Run)] = False,
     strict: Strict = False,
     json_: Json = False,
