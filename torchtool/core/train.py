@@ -345,7 +345,8 @@ def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool) -> dict[str, A
             break
         t0 = time.perf_counter()
         loaders.train.sampler.set_epoch(epoch)  # this epoch's order and augmentations, same on resume
-        with progress(total=len(loaders.train.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
+        seen = min(len(loaders.train.sampler), len(loaders.train) * cfg.batch_size)  # drop_last drops a few
+        with progress(total=seen, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                       quiet=quiet or not dist.is_main) as bar:
             train = runstate.all_reduce(train_one_epoch(step, loaders.train, skipped[0], bar), dist)
         with progress(total=len(loaders.val.dataset), desc="validate", unit="img",
