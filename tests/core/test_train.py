@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -273,6 +274,7 @@ def test_resume_after_an_interruption_ends_with_identical_weights(small_digits, 
     monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
     assert load_checkpoint(tmp_path / "resumed" / "last.pth")["epoch"] == 1
     fit(config(small_digits, tmp_path / "resumed", **{**recipe, "workers": 2}), resume="")  # workers may differ
+    assert not multiprocessing.active_children(), "loader workers outlived fit()"
 
     a, b = load_checkpoint(tmp_path / "straight" / "last.pth"), load_checkpoint(tmp_path / "resumed" / "last.pth")
     assert a["epoch"] == b["epoch"] == 3

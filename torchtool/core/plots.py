@@ -10,6 +10,17 @@ from typing import Any
 from torchtool.core.output import atomic_save
 
 
+def _plain_log_formatter(**kwargs: Any) -> Any:
+    """matplotlib's LogFormatter (which labels minor ticks when the range is short), as 0.2 rather than 2e-01."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return f"{x:g}"
+
+    return PlainLog(**kwargs)
+
+
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Loss, accuracy and learning rate by epoch, side by side; written atomically."""
     # A bare Figure (no pyplot) renders through Agg: headless, no window, no global state, and
@@ -28,6 +39,10 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
         ax.set_title(title)
         ax.legend()
     loss.set_yscale("log")  # losses fall by orders of magnitude; a linear axis flattens all but the start
+    # Plain-text tick labels: matplotlib's default 10^x labels go through mathtext, whose parser keeps
+    # exceptions (and with them the caller's frames, the training loop's included) alive until a GC.
+    loss.yaxis.set_major_formatter(_plain_log_formatter())
+    loss.yaxis.set_minor_formatter(_plain_log_formatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
     lr.plot(epochs, [r["lr"] for r in history], "o-", color="tab:green", ms=3)
     lr.set_title("learning rate")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

@@ -373,5 +373,6 @@ def _loop(cfg: TrainConfig, run: Any, dist: Dist, *, quiet: bool) -> dict[str, A
     # --- finish: export the best weights, summarise ---
     if log is not None:
         log.close()
+    del loaders  # shut the loader workers down now, not whenever a garbage collection finds them
     return runstate.finish(run, dist, skipped, best=(best_acc, best_epoch), stopped_early=stopped_early,
                            epochs_done=done, seconds=time.perf_counter() - began)
