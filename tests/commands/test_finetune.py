@@ -109,6 +109,14 @@ def test_model_is_required_and_overwrite_starts_again(digits4, tmp_path):
     result = invoke(digits4, "--out", tmp_path / "run", "--weights", "none", "--quiet")
     assert result.exit_code == 2 and "--model is required" in result.stderr
     assert invoke(digits4, "--out", tmp_path / "run", *SMALL, "--epochs", "2").exit_code == 0
+    # A finetune checkpoint as the starting point: its model, a new head for these classes.
+    again = invoke(digits4, "--out", tmp_path / "again", *SMALL[2:], "--weights", tmp_path / "run" / "best.pth",
+                   "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["model"] == "mobilenet_v3_small"
+    clash = invoke(digits4, "--out", tmp_path / "clash", *SMALL[2:], "--model", "resnet18",
+                   "--weights", tmp_path / "run" / "best.pth")
+    assert clash.exit_code == 2 and "holds a mobilenet_v3_small model, not resnet18" in clash.stderr
     result = invoke(digits4, "--out", tmp_path / "run", *SMALL, "--overwrite")
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2  # header + the new run's epoch

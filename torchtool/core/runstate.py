@@ -83,6 +83,9 @@ def prepare(cfg: TrainConfig, dist: Dist, *, resume: str | None, overwrite: bool
         if not cfg.model and not (cfg.weights.lower() != "none" and Path(cfg.weights).expanduser().is_file()):
             raise UsageError("--model is required", hint="e.g. --model resnet18, or --weights a torchtool checkpoint")
         weights = resolve_weights(cfg.model, cfg.weights)
+        if cfg.model and weights.arch and weights.arch != cfg.model:
+            raise UsageError(f"--weights {cfg.weights} holds a {weights.arch} model, not {cfg.model}",
+                             hint=f"pass --model {weights.arch} or leave --model out")
         arch = check_arch(weights.arch or cfg.model or "")
     cfg.model = arch
     if cfg.sync_bn and dist.enabled and resolve_device(cfg.device, dist.local_rank).type != "cuda":
