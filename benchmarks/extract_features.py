@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--naive-images", type=int, default=120)
     ap.add_argument("--mem-images", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16, help="torchtool's CPU default")
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}")

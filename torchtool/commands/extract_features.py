@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.commands._options import (
-    DEFAULT_WORKERS, Amp, BatchSize, Device, Json, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
+    DEFAULT_WORKERS, Amp, Device, Json, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
 )
 from torchtool.core import output
 
@@ -39,7 +39,9 @@ def run(
     ] = False,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Crop size (default: the weights').")] = None,
     resize: Annotated[Optional[int], typer.Option("--resize", min=16, help="Resize the short side to this before cropping.")] = None,
-    batch_size: BatchSize = 64,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: 64 on a GPU, 16 on CPU).")
+    ] = None,
     workers: Workers = DEFAULT_WORKERS,
     device: Device = "auto",
     amp: Amp = False,

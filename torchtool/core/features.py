@@ -205,11 +205,20 @@ class LayerCatalog:
 # --- the extractor -----------------------------------------------------------
 
 
-def _disable_inplace(module: nn.Module) -> None:
-    # An in-place ReLU after a requested conv would overwrite the conv's saved output.
-    for m in module.modules():
-        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
-            m.inplace = False
+def _protect_outputs(body: Any) -> None:
+    """Make the in-place ops that consume a returned node out-of-place, and only those.
+
+    An in-place ReLU right after a requested conv would overwrite the conv's saved output;
+    every other in-place op stays in place (disabling them all costs ~25% speed on CPU).
+    """
+    output = next(n for n in body.graph.nodes if n.op == "output")
+    for node in output.all_input_nodes:
+        for user in node.users:
+            if user.op == "call_module" and getattr(body.get_submodule(user.target), "inplace", None) is True:
+                body.get_submodule(user.target).inplace = False
+            elif user.kwargs.get("inplace") is True:  # F.relu(x, inplace=True) in forward()
+                user.kwargs = {**user.kwargs, "inplace": False}
+    body.recompile()
 
 
 class FeatureExtractor(nn.Module):
@@ -244,11 +253,7 @@ class FeatureExtractor(nn.Module):
             self.nodes = {t: t if t in nodes else [n for n in nodes if n.startswith(t + ".")][-1]
                           for t in self.targets}
             body = create_feature_extractor(model, return_nodes={n: n for n in set(self.nodes.values())})
-            _disable_inplace(body)
-            for node in body.graph.nodes:  # F.relu(x, inplace=True) calls in forward()
-                if node.kwargs.get("inplace") is True:
-                    node.kwargs = {**node.kwargs, "inplace": False}
-            body.recompile()
+            _protect_outputs(body)
             self.body, self.mode = body, "fx"
         except Exception:
             self.body, self.mode = model, "hooks"
