@@ -236,3 +236,52 @@ def test_eval_transform_output(photo_files):
     assert x.shape == (3, 48, 48)
     assert str(x.dtype) == "torch.float32"
     assert -3 < x.min() < 0 < x.max() < 3  # normalised, not 0..255
+
+
+# --- the evaluation crop and the batch normalisation ---------------------------------------
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize(("size", "crop", "resize"), [
+    ((640, 427), 224, 256),   # the usual preset, landscape
+    ((131, 397), 64, 73),     # portrait, odd sizes
+    ((300, 200), 200, 200),   # already the right size: no resample at all
+    ((90, 60), 100, 96),      # the crop is larger than the resized image: zero padding
+])
+def test_center_crop_is_pixel_for_pixel_torchvisions(rgb_photo, interpolation, size, crop, resize):
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
+
+    img = rgb_photo.crop((3, 5, 3 + min(size[0], rgb_photo.width - 3), 5 + min(size[1], rgb_photo.height - 5)))
+    img = img.resize(size) if img.size != size else img
+    reference = v2.Compose([v2.Resize(resize, interpolation=InterpolationMode(interpolation), antialias=True),
+                            v2.CenterCrop(crop), v2.PILToTensor()])(img)
+    got = data.CenterCrop(crop, resize, interpolation)(img)
+    assert got.dtype == torch.uint8 and got.shape == (crop, crop, 3)
+    assert torch.equal(got.permute(2, 0, 1), reference)
+
+
+def test_normalize_matches_torchvision_and_is_channels_last(rgb_photo):
+    import torch
+    from torchvision.transforms import v2
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    crops = torch.stack([data.CenterCrop(40, 48)(rgb_photo.rotate(k * 90)) for k in range(3)])
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])(crops.permute(0, 3, 1, 2))
+    batch = data.Normalize(mean, std)(crops)
+    assert batch.shape == (3, 3, 40, 40) and batch.dtype == torch.float32
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(batch, reference, rtol=1e-6, atol=1e-6)
+    # one image, as eval_transform uses it
+    torch.testing.assert_close(data.eval_transform(40, 48, mean, std)(rgb_photo), reference[0], rtol=1e-6, atol=1e-6)
+
+
+def test_dataset_fallback_has_the_transforms_dtype(bad_files, photo_files):
+    import torch
+
+    ds = data.ImageDataset([photo_files[0], bad_files["truncated"]], data.CenterCrop(32, 36),
+                           fallback_shape=(32, 32, 3), fallback_dtype="uint8")
+    (good, *_), (bad, *_, err) = ds[0], ds[1]
+    assert good.dtype == bad.dtype == torch.uint8 and good.shape == bad.shape
+    assert err and not bad.any()
+    torch.utils.data.default_collate([ds[0], ds[1]])  # stacks into one batch

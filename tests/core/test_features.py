@@ -224,6 +224,39 @@ def test_extractor_matches_create_feature_extractor(photo_files, arch, layers, n
         torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-4, msg=f"{arch} {name}")
 
 
+def _trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affine terms, so folding them is not a no-op."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.2)
+    return model.eval()
+
+
+def test_folded_batchnorm_gives_the_same_features_and_leaves_the_model_alone(photo_files):
+    model = _trained_looking(random_model("resnet18"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = photo_batch(photo_files[:3])
+    layers = ["conv1", "bn1", "layer2", "gap", "logits"]  # conv1 is asked for: it keeps its own BatchNorm
+    with torch.no_grad():
+        plain = FeatureExtractor(model, layers, arch="resnet18")
+        folded = FeatureExtractor(model, layers, arch="resnet18", fold_bn=True)
+        want, got = plain(x), folded(x)
+        model_out = model(x)
+    for name in layers:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+    kinds = [type(folded.body.get_submodule(n.target)).__name__ for n in folded.body.graph.nodes if n.op == "call_module"]
+    assert kinds.count("BatchNorm2d") == 1  # only bn1, whose conv's output is requested; 19 others folded
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.layer1[0].bn1, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model_out)
+
+
 def test_layer_before_an_inplace_relu_is_not_overwritten(photo_files):
     model = random_model("resnet18")
     x = photo_batch(photo_files[:2])
