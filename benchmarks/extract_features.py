@@ -1,6 +1,7 @@
 """extract-features throughput and memory, against its limit and the naive recipe, in one run.
 
-    python benchmarks/extract_features.py [--images 600] [--naive-images 120] [--mem-images 2000]
+    python benchmarks/extract_features.py [--images 1000] [--naive-images 150] [--mem-images 2000]
+                                          [--rounds 3] [--device cpu|cuda]
 
 (a) the whole `torchtool extract-features` process (start-up included), resnet18, 224 px, gap;
 (b) the same model's forward-only throughput on pre-decoded tensor batches (the limit);
@@ -82,78 +83,103 @@ def run_cli(folder: Path, out: Path, extra: list[str], peak: bool = False) -> tu
     return seconds, int(kib or 0) // 1024, json.loads(proc.stdout)
 
 
-def forward_only(paths: list[Path], batch_size: int, rounds: int = 3) -> tuple[float, float]:
-    """Images/s of forward passes alone on pre-decoded, pre-batched tensors (median of ``rounds``):
-    (the plain torchvision model, torchtool's FeatureExtractor as the command builds it)."""
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def forward_only(paths: list[Path], batch_size: int, device: str, rounds: int) -> tuple[list[float], list[float]]:
+    """Images/s of forward passes alone on pre-decoded, pre-batched tensors already on the device,
+    one figure per round: (the plain torchvision model, torchtool's FeatureExtractor as the command builds it)."""
     built = build_model("resnet18", "none")
     tf = preprocess_transform(built.preprocess)
     tensors = torch.stack([tf(load_image(p)) for p in paths])
-    plain = built.model.eval().to(memory_format=torch.channels_last)
-    ours = FeatureExtractor(built.model, ["gap"], arch="resnet18", fold_bn=True).to(memory_format=torch.channels_last)
-    batches = [b.contiguous(memory_format=torch.channels_last) for b in tensors.split(batch_size)]
+    cl = torch.channels_last
+    ours = FeatureExtractor(built.model, ["gap"], arch="resnet18", fold_bn=True).to(device, memory_format=cl)
+    plain = built.model.eval().to(device, memory_format=cl)
+    batches = [b.to(device).contiguous(memory_format=cl) for b in tensors.split(batch_size)]
     rates: dict[str, list[float]] = {"plain": [], "ours": []}
     with torch.inference_mode():
         for _ in range(rounds):  # interleaved, so both see the same machine
             for name, model in (("plain", plain), ("ours", ours)):
-                model(batches[0])  # warm-up: oneDNN picks its kernels on the first call
+                model(batches[0])  # warm-up: oneDNN/cuDNN pick their kernels on the first call
+                _sync(device)
                 start = time.perf_counter()
                 for b in batches:
                     model(b)
+                _sync(device)
                 rates[name].append(len(paths) / (time.perf_counter() - start))
-    return statistics.median(rates["plain"]), statistics.median(rates["ours"])
+    return rates["plain"], rates["ours"]
 
 
-def naive_loop(paths: list[Path]) -> float:
+def naive_loop(paths: list[Path], device: str) -> float:
     """The recipe: open each image, transform, model(x[None]), one at a time."""
-    model = torchvision.models.resnet18().eval()
+    model = torchvision.models.resnet18().eval().to(device)
     tf = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
     with torch.no_grad():
-        model(torch.zeros(1, 3, 224, 224))
+        model(torch.zeros(1, 3, 224, 224, device=device))
+        _sync(device)
         start = time.perf_counter()
         for p in paths:
-            model(tf(Image.open(p).convert("RGB"))[None])
+            model(tf(Image.open(p).convert("RGB"))[None].to(device)).cpu()
         return len(paths) / (time.perf_counter() - start)
+
+
+def _link(paths: list[Path], folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    for p in paths:
+        if not (folder / p.name).exists():
+            os.link(p, folder / p.name)
+    return folder
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=600)
-    ap.add_argument("--naive-images", type=int, default=120)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--naive-images", type=int, default=150)
     ap.add_argument("--mem-images", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=16, help="torchtool's CPU default")
+    ap.add_argument("--rounds", type=int, default=3, help="each figure is the median of this many rounds")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, help="default: torchtool's own (16 on CPU, 64 on GPUs)")
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
     args = ap.parse_args()
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    batch = args.batch_size or (16 if args.device == "cpu" else 64)
+    what = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
+    print(f"machine: {what}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
+          f"batch {batch}, workers {args.workers}, {args.rounds} rounds (medians)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_photos(tmp / "photos", max(args.images, args.mem_images))
-        main_dir = tmp / "main"
-        main_dir.mkdir()
-        for p in paths[: args.images]:
-            os.link(p, main_dir / p.name)
+        main_dir = _link(paths[: args.images], tmp / "main")
+        cli = ["-b", str(batch), "-j", str(args.workers), "--device", args.device]
 
-        seconds, rss, summary = run_cli(main_dir, tmp / "out", ["-b", str(args.batch_size), "-j", str(args.workers)])
-        a = args.images / seconds
-        b, b_ours = forward_only(paths[: min(args.images, 400)], args.batch_size)
-        c = naive_loop(paths[: args.naive_images])
-        loop = summary["images_per_s"]
+        a_runs, loops, b_runs, ours_runs, c_runs = [], [], [], [], []
+        for _ in range(args.rounds):
+            seconds, _, summary = run_cli(main_dir, tmp / "out", cli)
+            a_runs.append(args.images / seconds)
+            loops.append(summary["images_per_s"])
+            plain, ours = forward_only(paths[: min(args.images, 400)], batch, args.device, 1)
+            b_runs += plain
+            ours_runs += ours
+            c_runs.append(naive_loop(paths[: args.naive_images], args.device))
+        a, loop, b, b_ours, c = (statistics.median(r) for r in (a_runs, loops, b_runs, ours_runs, c_runs))
         print(f"(a) torchtool extract-features, whole process: {a:7.2f} images/s "
-              f"({args.images} images in {seconds:.1f} s; {loop:.2f} images/s inside the run)")
+              f"({args.images} images in {args.images / a:.1f} s, start-up included; {loop:.2f} images/s in its loop)")
         print(f"(b) forward only, pre-decoded batches:         {b:7.2f} images/s (torchvision's resnet18)")
         print(f"    the same with torchtool's extractor:       {b_ours:7.2f} images/s (BatchNorm folded)")
         print(f"(c) naive loop (PIL + model(x[None])):         {c:7.2f} images/s ({args.naive_images} images)")
-        print(f"ratio (a)/(b) = {a / b:.2f}   (goal >= 0.9; inside the run {loop / b:.2f}; "
+        print(f"ratio (a)/(b) = {a / b:.2f}   (goal >= 0.9; its loop alone {loop / b:.2f}; "
               f"against torchtool's own forward {a / b_ours:.2f})")
         print(f"ratio (a)/(c) = {a / c:.2f}   (goal >= 1.3)")
+        print("rounds: " + "; ".join(f"{k} " + " ".join(f"{v:.1f}" for v in r) for k, r in
+                                     (("a", a_runs), ("loop", loops), ("b", b_runs), ("ours", ours_runs), ("c", c_runs))))
 
         rss_by_n = {}
         for n in (200, args.mem_images):
-            folder = tmp / f"mem{n}"
-            folder.mkdir()
-            for p in paths[:n]:
-                os.link(p, folder / p.name)
+            folder = _link(paths[:n], tmp / f"mem{n}")
             rss_by_n[n] = run_cli(folder, tmp / f"outmem{n}", ["--image-size", "64", "--resize", "72", "-b", "64",
-                                                             "-j", str(args.workers)], peak=True)[1]
+                                                             "-j", str(args.workers), "--device", args.device],
+                                  peak=True)[1]
         grow = rss_by_n[args.mem_images] - rss_by_n[200]
         print(f"peak RSS: {rss_by_n[200]} MiB for 200 images, {rss_by_n[args.mem_images]} MiB for "
               f"{args.mem_images} images (64 px): +{grow} MiB (goal <= 100 MB)")

@@ -1,0 +1,159 @@
+"""The CUDA paths, checked on a real GPU in one short run (CI has no GPU; run this where one is).
+
+    python benchmarks/gpu_check.py [--out DIR] [--bench]
+
+env-info's GPU fields and NVML driver; extract-features on cuda against the CPU, with --amp,
+--dtype float16 and under torchrun (nccl); finetune on cuda with --amp and --resume. Prints
+one PASS/FAIL line per check and exits 1 if any failed. --bench adds the extract-features
+benchmark on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+TORCHTOOL = [sys.executable, "-m", "torchtool"]
+results: list[tuple[str, bool, str]] = []
+DEV = "cuda"  # --device cpu: a dry run of the script itself
+
+
+def sh(*cmd: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    start = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    print(f"$ {' '.join(map(str, cmd))}  -> exit {proc.returncode} in {time.perf_counter() - start:.1f} s")
+    if proc.stderr.strip():
+        print("  stderr: " + proc.stderr.strip()[-1500:].replace("\n", "\n  "))
+    return proc
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    results.append((name, bool(ok), detail))
+    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+
+def guarded(fn):
+    def run(*args):
+        try:
+            fn(*args)
+        except Exception as exc:  # one broken check must not hide the others
+            check(fn.__name__, False, f"{type(exc).__name__}: {exc}")
+    return run
+
+
+@guarded
+def env_info(work: Path) -> None:
+    proc = sh(*TORCHTOOL, "env-info", "--json")
+    info = json.loads(proc.stdout)
+    cuda, nv = info["cuda"], info["nvidia"]
+    print(json.dumps({"cuda": cuda, "nvidia": nv}, indent=1))
+    check("env-info cuda available", cuda["available"] and cuda["device_count"] >= 1 and cuda["gpus"],
+          f"{[g.get('name') for g in cuda['gpus']]}")
+    check("env-info NVML driver", bool(nv.get("driver_version")), f"driver {nv.get('driver_version')}")
+    req = sh(*TORCHTOOL, "env-info", "--require", "cuda", "--require", "cudnn", "--min-gpus", "1")
+    check("env-info --require cuda cudnn --min-gpus 1", req.returncode == 0)
+    md = sh(*TORCHTOOL, "env-info", "--format", "markdown")
+    check("env-info markdown", md.returncode == 0 and "GPU" in md.stdout.upper())
+
+
+def extract(work: Path, photos: Path, out: str, *extra: str) -> dict:
+    proc = sh(*TORCHTOOL, "extract-features", photos, "-m", "resnet18", "-w", "none", "-l", "gap,layer3",
+              "--pool", "layer3:avg", "-o", work / out, "--json", "-q", "--overwrite", *extra)
+    if proc.returncode != 0:
+        raise RuntimeError(f"extract-features {out} failed: {proc.stderr[-500:]}")
+    return json.loads(proc.stdout)
+
+
+def load(work: Path, out: str, layer: str) -> np.ndarray:
+    return np.load(work / out / f"{layer}.npy").astype(np.float32)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+
+
+@guarded
+def extract_features(work: Path, photos: Path) -> None:
+    extract(work, photos, "cpu", "--device", "cpu")
+    s = extract(work, photos, "cuda", "--device", DEV)
+    check("extract cuda runs", s["ok"] == s["rows"], f"{s['rows']} rows, {s['images_per_s']} img/s")
+    for layer in ("gap", "layer3"):
+        r = rel(load(work, "cuda", layer), load(work, "cpu", layer))
+        check(f"extract cuda == cpu ({layer})", r < 1e-2, f"max rel diff {r:.2e} (TF32 convs allowed)")
+    meta = json.loads((work / "cuda" / "meta.json").read_text())
+    check("extract cuda meta complete", meta["complete"] is True)
+    s = extract(work, photos, "amp", "--device", DEV, "--amp")
+    gap = load(work, "amp", "gap")
+    r = rel(gap, load(work, "cuda", "gap"))
+    check("extract cuda --amp", np.isfinite(gap).all() and r < 5e-2, f"max rel diff vs fp32 {r:.2e}, "
+          f"{s['images_per_s']} img/s")
+    extract(work, photos, "f16", "--device", DEV, "--dtype", "float16")
+    arr = np.load(work / "f16" / "gap.npy")
+    check("extract --dtype float16", arr.dtype == np.float16 and np.isfinite(arr).all())
+    proc = sh(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "torchtool",
+              "extract-features", photos, "-m", "resnet18", "-w", "none", "-l", "gap,layer3", "--pool", "layer3:avg",
+              "-o", work / "ddp", "--json", "-q", "--overwrite", "--device", DEV)
+    ok = proc.returncode == 0 and rel(load(work, "ddp", "gap"), load(work, "cuda", "gap")) < 1e-3
+    check("extract under torchrun (nccl, 1 process)", ok)
+
+
+@guarded
+def finetune(work: Path) -> None:
+    from tests.finetune_data import write_digits
+
+    data = write_digits(work / "digits", train_per_class=60, val_per_class=15, size=32)
+    common = ["-m", "resnet18", "-w", "none", "--image-size", "32", "-b", "64", "-o", work / "ft", "--json", "-q",
+              "--device", DEV, "--amp", "--augment", "light"]
+    proc = sh(*TORCHTOOL, "finetune", data, "--epochs", "2", *common, "--overwrite")
+    s = json.loads(proc.stdout)
+    print(json.dumps(s, indent=1)[:1500])
+    check("finetune cuda --amp 2 epochs", proc.returncode == 0 and (work / "ft" / "best.pth").exists())
+    proc = sh(*TORCHTOOL, "finetune", data, "--epochs", "3", "-o", work / "ft", "--json", "-q", "--resume")
+    check("finetune cuda --resume", proc.returncode == 0, proc.stdout[-300:])
+    import torch
+
+    ckpt = torch.load(work / "ft" / "last.pth", map_location="cpu", weights_only=True)
+    check("finetune checkpoint epoch 3", ckpt.get("epoch") == 3, f"epoch={ckpt.get('epoch')}")
+    proc = sh(*TORCHTOOL, "extract-features", work / "digits" / "val", "-w", work / "ft" / "best.pth", "-l", "logits",
+              "-o", work / "ftfeat", "--json", "-q", "--device", DEV)
+    check("extract-features from the finetune checkpoint on cuda", proc.returncode == 0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="/tmp/gpu-check")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    global DEV
+    DEV = args.device
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    from extract_features import make_photos
+
+    photos = work / "photos"
+    make_photos(photos, 256)
+    env_info(work)
+    extract_features(work, photos)
+    finetune(work)
+    if args.bench:
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "extract_features.py"), "--device", DEV,
+                        "--images", "3000", "--naive-images", "300", "--mem-images", "1000", "--rounds", "1"],
+                       timeout=400)
+    failed = [r for r in results if not r[1]]
+    print(f"\n{len(results) - len(failed)} of {len(results)} checks passed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
