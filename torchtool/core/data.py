@@ -155,10 +155,11 @@ class CenterCrop:
 
 
 class Normalize:
-    """uint8 ``N x H x W x 3`` batches (or one ``H x W x 3`` image) -> normalised float ``N x 3 x H x W``.
+    """uint8 ``N x H x W x 3`` batches -> normalised float ``N x 3 x H x W`` on ``device``.
 
-    ``(x / 255 - mean) / std`` as one fused multiply-add on ``device``; the result is
-    channels_last in memory (what convolutions want on CPU and GPU alike).
+    ``(x / 255 - mean) / std`` as one fused multiply-add (equal to torchvision's ToDtype +
+    Normalize up to float rounding); the result is channels_last in memory, what
+    convolutions want on CPU and GPU alike.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], device: Any = "cpu"):
@@ -171,27 +172,28 @@ class Normalize:
     def __call__(self, x: Any) -> Any:
         import torch
 
-        single = x.dim() == 3
-        x = x.to(self.scale.device, non_blocking=True)
-        x = (x[None] if single else x).permute(0, 3, 1, 2).float()
-        out = torch.addcmul(self.shift, x, self.scale)
-        return out[0] if single else out
+        x = x.to(self.scale.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return torch.addcmul(self.shift, x, self.scale)
 
 
 def eval_transform(crop_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float],
                    interpolation: str = "bilinear") -> Any:
     """Resize, center crop, to float tensor, normalise: the weights' own evaluation preset, per image."""
-    return EvalTransform(CenterCrop(crop_size, resize_size, interpolation), Normalize(mean, std))
+    return EvalTransform(CenterCrop(crop_size, resize_size, interpolation), mean, std)
 
 
 class EvalTransform:
-    """PIL image -> normalised float ``3 x H x W`` tensor (a picklable pair of the two steps)."""
+    """PIL image -> normalised float ``3 x H x W`` tensor, exactly as torchvision's preset computes it."""
 
-    def __init__(self, crop: CenterCrop, normalize: Normalize):
-        self.crop, self.normalize = crop, normalize
+    def __init__(self, crop: CenterCrop, mean: Sequence[float], std: Sequence[float]):
+        import torch
+        from torchvision.transforms import v2
+
+        self.crop = crop
+        self.to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
     def __call__(self, img: Any) -> Any:
-        return self.normalize(self.crop(img)).contiguous()
+        return self.to_float(self.crop(img).permute(2, 0, 1).contiguous())
 
 
 def preprocess_transform(preprocess: Any) -> Any:
