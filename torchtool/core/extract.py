@@ -158,8 +158,8 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     if dist.is_main and len(pending) < len(paths):
         warn(f"resuming {out}: {len(paths) - len(pending)} of {len(paths)} rows already done")
 
-    # 3. the loop: decode in workers, one forward for all layers, write rows as they come
-    # workers decode and crop to uint8; the batch is normalised on the device (4x less to copy)
+    # 3. the loop: workers decode and crop to uint8 (4x less to pass on than floats), the batch
+    # is normalised on the device, one forward gives every layer, rows are written as they come
     crop = preprocess.crop_size
     dataset = data.ImageDataset([paths[i] for i in todo],
                                 data.CenterCrop(crop, preprocess.resize_size, preprocess.interpolation),
@@ -169,6 +169,7 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     loader = data.make_loader(dataset, batch_size, cfg.workers, pin_memory=dev.type == "cuda",
                               worker_init=data.lower_priority)
     bar = progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet or not dist.is_main)
+    trim = devices.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
     loop_started = time.perf_counter()
     with torch.inference_mode(), bar:
         for x, _, local, errors in loader:
@@ -187,6 +188,7 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
                 feats = {k: v.float().cpu().numpy().astype(cfg.dtype, copy=False) for k, v in result.items()}
             store.write(rows[good], feats, bad)
             bar.update(len(rows))
+            trim()
 
     # 4. finish: rank 0 writes the index and marks the run complete
     dist.barrier()
