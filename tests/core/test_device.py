@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 
 import pytest
@@ -17,13 +18,15 @@ def test_trims_once_then_takes_live_growth_as_the_new_baseline():
     trim = HeapTrimmer(slack_mb=8, warmup=1)
     trim()  # the baseline
     assert trim.trims == 0
-    live = b"\x01" * (48 << 20)  # touched and alive: no trim can give it back
+    live = mmap.mmap(-1, 48 << 20)  # fresh pages, touched and alive: no trim can give them back
+    for offset in range(0, len(live), mmap.PAGESIZE):
+        live[offset] = 1
     trim()
     assert trim.trims == 1
     for _ in range(5):
         trim()
     assert trim.trims == 1  # the baseline rose with the live memory: no trim per batch
-    del live
+    live.close()
 
 
 def test_without_glibc_it_does_nothing(monkeypatch):
