@@ -31,7 +31,11 @@ SIZE = ["--image-size", "64", "--resize", "72"]
 
 
 def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, ["extract-features", *map(str, args)], input=input, prog_name="torchtool")
+    """The command in-process, on the CPU unless a test names a device: the references are CPU ones
+    (on a GPU machine, TF32 convolutions would differ from them by more than the tolerances)."""
+    args = tuple(map(str, args))
+    device = () if "--device" in args else ("--device", "cpu")
+    return CliRunner().invoke(app, ["extract-features", *args, *device], input=input, prog_name="torchtool")
 
 
 def small(weights: Path | str, *extra: str) -> list[str]:

@@ -37,7 +37,7 @@ def photo_classes(tmp_path_factory) -> Path:
 
 def config(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(model="mobilenet_v3_small", weights="none", epochs=1, batch_size=16, workers=0, image_size=32,
-                augment="none", lr=0.05, seed=0)
+                augment="none", lr=0.05, seed=0, device="cpu")  # CPU references, also on GPU machines
     return TrainConfig(data=str(data), out=str(out), **{**base, **kw})
 
 
