@@ -434,7 +434,7 @@ def test_end_to_end_through_the_installed_executable(tmp_path, photos_dir, photo
     out = tmp_path / "feats"
     proc = run_torchtool("extract-features", str(root), "-o", str(out), "-m", "resnet18", "-w",
                          str(resnet18_weights_pth), *SIZE, "-l", "layer3,gap", "--workers", "2", "-b", "3", "--json",
-                         timeout=240)
+                         "--device", "cpu", timeout=240)
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
     summary = json.loads(proc.stdout)  # stdout holds the summary and nothing else
     assert (summary["rows"], summary["ok"], summary["skipped"]) == (9, 8, 1)
@@ -484,7 +484,8 @@ def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torcht
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in paths))
     out = tmp_path / "feats"
-    args = ["--list", str(listing), "-o", str(out), "-l", "layer3,gap", *small(resnet18_weights_pth, "-b", "2")]
+    args = ["--list", str(listing), "-o", str(out), "-l", "layer3,gap", *small(resnet18_weights_pth, "-b", "2"),
+            "--device", "cpu"]
 
     proc = subprocess.Popen([str(torchtool_exe), "extract-features", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
