@@ -230,7 +230,7 @@ class FeatureExtractor(nn.Module):
     ``nodes`` (the model's FX node names, when already known) saves a trace. ``fold_bn``
     folds each eval-mode BatchNorm into the convolution before it (unless that convolution's
     own output is requested): the same features up to float rounding, ~15% faster, but the
-    extractor is then for inference only. The model itself is never changed.
+    extractor is then for inference only. The model keeps its own convolutions and BatchNorm.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | Mapping[str, str] | Sequence[Layer],
