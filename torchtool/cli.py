@@ -95,3 +95,24 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(error_line(message, f"see '{where}'"), err=True)
         code = getattr(exc, "exit_code", EXIT_USAGE)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def entry() -> None:
+    """The console script and ``python -m torchtool``: :func:`main`, then a quick exit.
+
+    Every command has closed and flushed its files by the time it returns, so once torch
+    was imported the interpreter's teardown (about a second of freeing torch's modules)
+    buys nothing: such a process flushes stdout and stderr and leaves with ``os._exit``.
+    """
+    try:
+        main()
+    except SystemExit as done:
+        if "torch" not in sys.modules:
+            raise
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else EXIT_FAILURE)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+                pass
+        os._exit(code)

@@ -436,7 +436,8 @@ def test_end_to_end_through_the_installed_executable(tmp_path, photos_dir, photo
                          str(resnet18_weights_pth), *SIZE, "-l", "layer3,gap", "--workers", "2", "-b", "3", "--json",
                          "--device", "cpu", timeout=240)
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
-    summary = json.loads(proc.stdout)  # stdout holds the summary and nothing else
+    summary = json.loads(proc.stdout)  # stdout holds the summary and nothing else (flushed before the quick exit)
+    assert not _processes_mentioning(str(out)), "loader workers outlived the command"
     assert (summary["rows"], summary["ok"], summary["skipped"]) == (9, 8, 1)
     assert isinstance(summary["seconds"], (int, float)) and isinstance(summary["images_per_s"], (int, float))
     assert summary["files"] == [str(out / n) for n in ("layer3.npy", "gap.npy", "index.csv", "meta.json")]
@@ -449,6 +450,18 @@ def test_end_to_end_through_the_installed_executable(tmp_path, photos_dir, photo
         arr = load(out, name)
         assert np.isnan(arr[-1]).all()
         np.testing.assert_allclose(arr[:8], load(baseline, name), rtol=1e-4, atol=1e-5)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line holds ``text`` (the command's forked workers carry its argv)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes() and (proc / "stat").read_text().split()[2] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _wait_for_rows(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 180) -> np.ndarray:
