@@ -105,7 +105,7 @@ def forward_only(paths: list[Path], batch_size: int, device: str, rounds: int) -
                 model(batches[0])  # warm-up: oneDNN/cuDNN pick their kernels on the first call
                 _sync(device)
                 start, done = time.perf_counter(), 0
-                while done == 0 or time.perf_counter() - start < 2.0:  # a GPU needs many passes to time
+                while done == 0 or time.perf_counter() - start < 4.0:  # long enough to even out noise; a GPU needs many passes
                     for b in batches:
                         model(b)
                     done += len(paths)
