@@ -88,30 +88,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def forward_only(paths: list[Path], batch_size: int, device: str, rounds: int) -> tuple[list[float], list[float]]:
-    """Images/s of forward passes alone on pre-decoded, pre-batched tensors already on the device,
-    one figure per round: (the plain torchvision model, torchtool's FeatureExtractor as the command builds it)."""
-    built = build_model("resnet18", "none")
-    tf = preprocess_transform(built.preprocess)
-    tensors = torch.stack([tf(load_image(p)) for p in paths])
-    cl = torch.channels_last
-    ours = FeatureExtractor(built.model, ["gap"], arch="resnet18", fold_bn=True).to(device, memory_format=cl)
-    plain = built.model.eval().to(device, memory_format=cl)
-    batches = [b.to(device).contiguous(memory_format=cl) for b in tensors.split(batch_size)]
-    rates: dict[str, list[float]] = {"plain": [], "ours": []}
-    with torch.inference_mode():
-        for _ in range(rounds):  # interleaved, so both see the same machine
-            for name, model in (("plain", plain), ("ours", ours)):
-                model(batches[0])  # warm-up: oneDNN/cuDNN pick their kernels on the first call
-                _sync(device)
+class ForwardOnly:
+    """Forward passes alone on pre-decoded, pre-batched tensors already on the device: the limit.
+
+    ``measure()`` gives images/s of (the plain torchvision model, torchtool's FeatureExtractor
+    as the command builds it), each timed over at least 4 s.
+    """
+
+    def __init__(self, paths: list[Path], batch_size: int, device: str):
+        built = build_model("resnet18", "none")
+        tf = preprocess_transform(built.preprocess)
+        tensors = torch.stack([tf(load_image(p)) for p in paths])
+        cl = torch.channels_last
+        self.ours = FeatureExtractor(built.model, ["gap"], arch="resnet18", fold_bn=True).to(device, memory_format=cl)
+        self.plain = built.model.eval().to(device, memory_format=cl)
+        self.batches = [b.to(device).contiguous(memory_format=cl) for b in tensors.split(batch_size)]
+        self.device, self.n = device, len(paths)
+
+    def measure(self) -> tuple[float, float]:
+        rates = []
+        with torch.inference_mode():
+            for model in (self.plain, self.ours):
+                model(self.batches[0])  # warm-up: oneDNN/cuDNN pick their kernels on the first call
+                _sync(self.device)
                 start, done = time.perf_counter(), 0
-                while done == 0 or time.perf_counter() - start < 4.0:  # long enough to even out noise; a GPU needs many passes
-                    for b in batches:
+                while done == 0 or time.perf_counter() - start < 4.0:  # long enough to even out noise
+                    for b in self.batches:
                         model(b)
-                    done += len(paths)
-                    _sync(device)
-                rates[name].append(done / (time.perf_counter() - start))
-    return rates["plain"], rates["ours"]
+                    done += self.n
+                    _sync(self.device)
+                rates.append(done / (time.perf_counter() - start))
+        return rates[0], rates[1]
 
 
 def naive_loop(paths: list[Path], device: str) -> float:
@@ -148,33 +155,40 @@ def main() -> None:
     batch = args.batch_size or (16 if args.device == "cpu" else 64)
     what = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
     print(f"machine: {what}, torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
-          f"batch {batch}, workers {args.workers}, {args.rounds} rounds (medians)")
+          f"batch {batch}, workers {args.workers}, {args.rounds} rounds (medians of per-round figures)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_photos(tmp / "photos", max(args.images, args.mem_images))
         main_dir = _link(paths[: args.images], tmp / "main")
         cli = ["-b", str(batch), "-j", str(args.workers), "--device", args.device]
 
-        a_runs, loops, b_runs, ours_runs, c_runs = [], [], [], [], []
+        # Each round brackets the whole-process run (a) between two measurements of (b) and of (c),
+        # and the ratios are taken per round: this VM's speed drifts by +-15% over tens of seconds.
+        forward = ForwardOnly(paths[: min(args.images, 400)], batch, args.device)
+        runs: dict[str, list[float]] = {k: [] for k in ("a", "loop", "b", "ours", "c", "a/b", "loop/b", "a/ours",
+                                                         "a/c")}
         for _ in range(args.rounds):
+            b1, ours1 = forward.measure()
+            c1 = naive_loop(paths[: args.naive_images], args.device)
             seconds, _, summary = run_cli(main_dir, tmp / "out", cli)
-            a_runs.append(args.images / seconds)
-            loops.append(summary["images_per_s"])
-            plain, ours = forward_only(paths[: min(args.images, 400)], batch, args.device, 1)
-            b_runs += plain
-            ours_runs += ours
-            c_runs.append(naive_loop(paths[: args.naive_images], args.device))
-        a, loop, b, b_ours, c = (statistics.median(r) for r in (a_runs, loops, b_runs, ours_runs, c_runs))
-        print(f"(a) torchtool extract-features, whole process: {a:7.2f} images/s "
-              f"({args.images} images in {args.images / a:.1f} s, start-up included; {loop:.2f} images/s in its loop)")
-        print(f"(b) forward only, pre-decoded batches:         {b:7.2f} images/s (torchvision's resnet18)")
-        print(f"    the same with torchtool's extractor:       {b_ours:7.2f} images/s (BatchNorm folded)")
-        print(f"(c) naive loop (PIL + model(x[None])):         {c:7.2f} images/s ({args.naive_images} images)")
-        print(f"ratio (a)/(b) = {a / b:.2f}   (goal >= 0.9; its loop alone {loop / b:.2f}; "
-              f"against torchtool's own forward {a / b_ours:.2f})")
-        print(f"ratio (a)/(c) = {a / c:.2f}   (goal >= 1.3)")
-        print("rounds: " + "; ".join(f"{k} " + " ".join(f"{v:.1f}" for v in r) for k, r in
-                                     (("a", a_runs), ("loop", loops), ("b", b_runs), ("ours", ours_runs), ("c", c_runs))))
+            b2, ours2 = forward.measure()
+            c2 = naive_loop(paths[: args.naive_images], args.device)
+            a, loop = args.images / seconds, summary["images_per_s"]
+            b, ours, c = (b1 + b2) / 2, (ours1 + ours2) / 2, (c1 + c2) / 2
+            for key, value in (("a", a), ("loop", loop), ("b", b), ("ours", ours), ("c", c), ("a/b", a / b),
+                               ("loop/b", loop / b), ("a/ours", a / ours), ("a/c", a / c)):
+                runs[key].append(value)
+        m = {k: statistics.median(v) for k, v in runs.items()}
+        print(f"(a) torchtool extract-features, whole process: {m['a']:7.2f} images/s "
+              f"({args.images} images in {args.images / m['a']:.1f} s, start-up included; "
+              f"{m['loop']:.2f} images/s in its loop)")
+        print(f"(b) forward only, pre-decoded batches:         {m['b']:7.2f} images/s (torchvision's resnet18)")
+        print(f"    the same with torchtool's extractor:       {m['ours']:7.2f} images/s (BatchNorm folded)")
+        print(f"(c) naive loop (PIL + model(x[None])):         {m['c']:7.2f} images/s ({args.naive_images} images)")
+        print(f"ratio (a)/(b) = {m['a/b']:.2f}   (goal >= 0.9; its loop alone {m['loop/b']:.2f}; "
+              f"against torchtool's own forward {m['a/ours']:.2f})")
+        print(f"ratio (a)/(c) = {m['a/c']:.2f}   (goal >= 1.3)")
+        print("per round: " + "; ".join(f"{k} " + " ".join(f"{v:.2f}" for v in r) for k, r in runs.items()))
 
         rss_by_n = {}
         for n in (200, args.mem_images):
