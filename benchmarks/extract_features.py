@@ -1,7 +1,10 @@
 """extract-features throughput and memory, against its limit and the naive recipe, in one run.
 
-    python benchmarks/extract_features.py [--images 1000] [--naive-images 150] [--mem-images 2000]
+    python benchmarks/extract_features.py [--images 5000] [--naive-images 150] [--mem-images 2000]
                                           [--rounds 3] [--device cpu|cuda]
+
+(~10 minutes on 2 cores; --images 1000 --rounds 2 for a quick look. The whole process pays a
+fixed ~4 s start-up, mostly importing torch and torchvision, so (a)/(b) grows with --images.)
 
 (a) the whole `torchtool extract-features` process (start-up included), resnet18, 224 px, gap;
 (b) the same model's forward-only throughput on pre-decoded tensor batches (the limit);
@@ -144,7 +147,7 @@ def _link(paths: list[Path], folder: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--naive-images", type=int, default=150)
     ap.add_argument("--mem-images", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3, help="each figure is the median of this many rounds")
