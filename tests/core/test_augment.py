@@ -9,8 +9,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from torchvision import tv_tensors
 
-from torchtool.core.augment import RegionConfusion, batch_mixer, train_transform
-from torchtool.core.data import eval_transform
+from torchtool.core.train.augment import RegionConfusion, batch_mixer, train_transform
+from torchtool.core.data.transforms import eval_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

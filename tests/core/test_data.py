@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from torchtool.core import data
+from torchtool.core.data import loading, transforms
 from torchtool.core.data import describe_error, find_images, load_image
 from torchtool.core.output import EXIT_USAGE, UsageError
 
@@ -100,8 +100,8 @@ def test_missing_file_reason(tmp_path):
 
 def test_dataset_never_raises(bad_files, photo_files, tmp_path):
     paths = [photo_files[0], bad_files["truncated"], tmp_path / "gone.jpg", bad_files["bomb"], photo_files[1]]
-    transform = data.eval_transform(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    ds = data.ImageDataset(paths, transform, fallback_shape=(3, 32, 32))
+    transform = transforms.eval_transform(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    ds = loading.ImageDataset(paths, transform, fallback_shape=(3, 32, 32))
     items = [ds[i] for i in range(len(ds))]
     assert [it[2] for it in items] == list(range(5))
     assert [bool(it[3]) for it in items] == [False, True, True, True, False]
@@ -231,7 +231,7 @@ def test_input_mistakes_are_usage_errors(tmp_path, make, message):
 
 
 def test_eval_transform_output(photo_files):
-    transform = data.eval_transform(48, 56, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    transform = transforms.eval_transform(48, 56, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     x = transform(load_image(photo_files[0]))
     assert x.shape == (3, 48, 48)
     assert str(x.dtype) == "torch.float32"
@@ -256,7 +256,7 @@ def test_center_crop_is_pixel_for_pixel_torchvisions(rgb_photo, interpolation, s
     img = img.resize(size) if img.size != size else img
     reference = v2.Compose([v2.Resize(resize, interpolation=InterpolationMode(interpolation), antialias=True),
                             v2.CenterCrop(crop), v2.PILToTensor()])(img)
-    got = data.CenterCrop(crop, resize, interpolation)(img)
+    got = transforms.CenterCrop(crop, resize, interpolation)(img)
     assert got.dtype == torch.uint8 and got.shape == (crop, crop, 3)
     assert torch.equal(got.permute(2, 0, 1), reference)
 
@@ -266,20 +266,20 @@ def test_normalize_matches_torchvision_and_is_channels_last(rgb_photo):
     from torchvision.transforms import v2
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    crops = torch.stack([data.CenterCrop(40, 48)(rgb_photo.rotate(k * 90)) for k in range(3)])
+    crops = torch.stack([transforms.CenterCrop(40, 48)(rgb_photo.rotate(k * 90)) for k in range(3)])
     reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])(crops.permute(0, 3, 1, 2))
-    batch = data.Normalize(mean, std)(crops)
+    batch = transforms.Normalize(mean, std)(crops)
     assert batch.shape == (3, 3, 40, 40) and batch.dtype == torch.float32
     assert batch.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(batch, reference, rtol=1e-6, atol=1e-6)
     # one image at a time: exactly torchvision's arithmetic
-    assert torch.equal(data.eval_transform(40, 48, mean, std)(rgb_photo), reference[0])
+    assert torch.equal(transforms.eval_transform(40, 48, mean, std)(rgb_photo), reference[0])
 
 
 def test_dataset_fallback_has_the_transforms_dtype(bad_files, photo_files):
     import torch
 
-    ds = data.ImageDataset([photo_files[0], bad_files["truncated"]], data.CenterCrop(32, 36),
+    ds = loading.ImageDataset([photo_files[0], bad_files["truncated"]], transforms.CenterCrop(32, 36),
                            fallback_shape=(32, 32, 3), fallback_dtype="uint8")
     (good, *_), (bad, *_, err) = ds[0], ds[1]
     assert good.dtype == bad.dtype == torch.uint8 and good.shape == bad.shape

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from torchtool.core.device import HeapTrimmer
+from torchtool.core.runtime import HeapTrimmer
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and glibc")
 

@@ -14,10 +14,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torchvision.models.feature_extraction import create_feature_extractor  # noqa: E402
 
-from torchtool.core import data  # noqa: E402
-from torchtool.core.features import (  # noqa: E402
-    FeatureExtractor, LayerCatalog, bilinear_pool, l2_normalize, pool_features, vgg_aliases,
-)
+from torchtool.core.data import images, transforms  # noqa: E402
+from torchtool.core.features import FeatureExtractor, LayerCatalog, bilinear_pool, l2_normalize, pool_features  # noqa: E402
+from torchtool.core.features.layers import vgg_aliases  # noqa: E402
 from torchtool.core.models import Preprocess  # noqa: E402
 from torchtool.core.output import EXIT_USAGE, UsageError  # noqa: E402
 
@@ -34,8 +33,8 @@ def reference_bilinear(x: np.ndarray) -> np.ndarray:
 
 def photo_batch(paths, crop: int = 64, resize: int = 72) -> torch.Tensor:
     """Real photos through torchtool's loader and the evaluation transform."""
-    transform = data.preprocess_transform(Preprocess(crop, resize))
-    return torch.stack([transform(data.load_image(p)) for p in paths])
+    transform = transforms.preprocess_transform(Preprocess(crop, resize))
+    return torch.stack([transform(images.load_image(p)) for p in paths])
 
 
 def without_inplace(model: nn.Module) -> nn.Module:

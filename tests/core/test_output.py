@@ -1,4 +1,4 @@
-"""Rendering, error lines, progress bars and atomic files in torchtool.core.output."""
+"""Rendering, error lines and progress bars in torchtool.core.output."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import math
-import os
-import stat
 
 import pytest
 
@@ -176,103 +174,3 @@ def test_progress_draws_on_a_terminal_stderr(monkeypatch, capsys):
     bar.close()
     assert "images" in stream.getvalue()
     assert capsys.readouterr().out == ""
-
-
-# --- files ------------------------------------------------------------------------------
-
-
-def _leftovers(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
-
-
-def test_atomic_write_replaces_the_file(tmp_path):
-    target = tmp_path / "index.csv"
-    target.write_text("old\n")
-    with output.atomic_write(target) as fh:
-        fh.write("new\n")
-    assert target.read_text() == "new\n"
-    assert _leftovers(tmp_path) == []
-
-
-def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
-    target = tmp_path / "index.csv"
-    target.write_text("old\n")
-    with pytest.raises(RuntimeError, match="disk on fire"), output.atomic_write(target) as fh:
-        fh.write("half of the new conte")
-        fh.flush()
-        raise RuntimeError("disk on fire")
-    assert target.read_text() == "old\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.csv"]
-
-
-def test_atomic_write_creates_missing_folders_and_nothing_when_it_fails(tmp_path):
-    target = tmp_path / "a" / "b" / "out.json"
-    with pytest.raises(KeyboardInterrupt), output.atomic_write(target) as fh:
-        fh.write("{")
-        raise KeyboardInterrupt
-    assert not target.exists()
-    assert list(target.parent.iterdir()) == []
-    output.atomic_write_text(target, '{"ok": true}')
-    assert json.loads(target.read_text()) == {"ok": True}
-
-
-def test_atomic_write_binary_mode(tmp_path):
-    target = tmp_path / "blob.bin"
-    with output.atomic_write(target, "wb") as fh:
-        fh.write(b"\x00\x01")
-    assert target.read_bytes() == b"\x00\x01"
-
-
-def test_atomic_save_calls_the_writer_with_a_temporary_path(tmp_path):
-    target = tmp_path / "model.pt"
-    seen = []
-
-    def writer(path):
-        seen.append(path)
-        path.write_bytes(b"weights")
-
-    output.atomic_save(target, writer)
-    assert target.read_bytes() == b"weights"
-    assert seen[0].parent == tmp_path and seen[0] != target
-    assert _leftovers(tmp_path) == []
-
-
-def test_atomic_save_keeps_the_old_file_when_the_writer_fails(tmp_path):
-    target = tmp_path / "model.pt"
-    target.write_bytes(b"good checkpoint")
-
-    def writer(path):
-        path.write_bytes(b"trunc")
-        raise OSError("No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):
-        output.atomic_save(target, writer)
-    assert target.read_bytes() == b"good checkpoint"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
-
-
-def test_atomic_files_get_ordinary_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        new = tmp_path / "new.txt"
-        output.atomic_write_text(new, "x")
-        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # as open() would, not mkstemp's 0600
-        kept = tmp_path / "kept.txt"
-        kept.write_text("x")
-        kept.chmod(0o640)
-        output.atomic_write_text(kept, "y")
-        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
-    finally:
-        os.umask(old)
-
-
-def test_check_writable(tmp_path):
-    target = tmp_path / "features.npy"
-    assert output.check_writable(target, overwrite=False) == target
-    target.write_bytes(b"x")
-    with pytest.raises(output.UsageError) as info:
-        output.check_writable(str(target), overwrite=False)
-    assert info.value.exit_code == 2
-    assert str(target) in info.value.message
-    assert "--overwrite" in info.value.hint
-    assert output.check_writable(target, overwrite=True) == target

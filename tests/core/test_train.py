@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from tests.finetune_data import add_broken_images, write_digits, write_photo_classes
-from torchtool.core import train as train_mod
-from torchtool.core.checkpoint import load_checkpoint
-from torchtool.core.data import ImageDataset, eval_transform
-from torchtool.core.device import seed_everything
+from torchtool.core.train import epoch as train_mod
+from torchtool.core.models.checkpoint import load_checkpoint
+from torchtool.core.data.loading import ImageDataset
+from torchtool.core.data.transforms import eval_transform
+from torchtool.core.runtime import seed_everything
 from torchtool.core.models import build_model, find_head
 from torchtool.core.output import Failure, UsageError
-from torchtool.core.runstate import determinism
-from torchtool.core.train import EpochSchedule, TrainConfig, build_optimizer, fit, param_groups
-from torchtool.core.traindata import find_splits, stratified_split
+from torchtool.core.runtime import determinism
+from torchtool.core.train import TrainConfig, fit
+from torchtool.core.train.recipes import EpochSchedule, build_optimizer, param_groups
+from torchtool.core.data.folders import find_splits, stratified_split
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +214,7 @@ def test_early_stopping_and_its_resume(small_digits, tmp_path):
     frozen = dict(epochs=5, lr=0.0, freeze_backbone=True, patience=1)  # nothing changes: no better epoch after 1
     summary = fit(config(small_digits, out, **frozen))
     assert summary["stopped_early"] and summary["epochs"] == 2 and summary["best_epoch"] == 1
-    again = fit(config(small_digits, out, **frozen), resume="")
+    again = fit(config(small_digits, out, **frozen), resume=True)
     assert again["stopped_early"] and again["epochs"] == 2 and len(metrics(out)) == 2
 
 
@@ -273,7 +275,7 @@ def test_resume_after_an_interruption_ends_with_identical_weights(small_digits, 
         fit(config(small_digits, tmp_path / "resumed", **recipe))
     monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
     assert load_checkpoint(tmp_path / "resumed" / "last.pth")["epoch"] == 1
-    fit(config(small_digits, tmp_path / "resumed", **{**recipe, "workers": 2}), resume="")  # workers may differ
+    fit(config(small_digits, tmp_path / "resumed", **{**recipe, "workers": 2}), resume=True)  # workers may differ
     assert not multiprocessing.active_children(), "loader workers outlived fit()"
 
     a, b = load_checkpoint(tmp_path / "straight" / "last.pth"), load_checkpoint(tmp_path / "resumed" / "last.pth")
@@ -290,14 +292,18 @@ def test_resume_after_an_interruption_ends_with_identical_weights(small_digits, 
 # --- data ----------------------------------------------------------------------------------------
 
 
-def test_stratified_split_is_seeded_and_keeps_every_class_on_both_sides():
+def test_stratified_split_is_seeded_and_proportional():
     targets = [0] * 50 + [1] * 10 + [2] * 2 + [3] * 1
     train, val = stratified_split(targets, 0.2, seed=7)
     assert sorted(train + val) == list(range(len(targets)))
+    assert len(val) == 13  # scikit-learn's ceil(0.2 x the 62 images that can be split)
     per_class = [sum(targets[i] == c for i in val) for c in range(4)]
-    assert per_class == [10, 2, 1, 0]  # 20%, at least one each side, a lone image stays in training
+    assert all(abs(n - 0.2 * size) <= 1 for n, size in zip(per_class[:3], (50, 10, 2)))  # stratified
+    assert per_class[3] == 0  # a lone image stays in training
     assert stratified_split(targets, 0.2, seed=7) == (train, val)
     assert stratified_split(targets, 0.2, seed=8)[1] != val
+    with pytest.raises(UsageError, match="cannot hold out every class"):
+        stratified_split([0] * 20 + [1] * 20 + [2] * 20, 0.02, seed=0)  # 2 held out, 3 classes
 
 
 def test_unreadable_images_are_skipped_and_listed(photo_classes, tmp_path):

@@ -1,11 +1,12 @@
 """Options shared by every command, defined once so defaults never drift apart."""
 
-import os
 from typing import Annotated, Literal
 
 import typer
 
-DEFAULT_WORKERS = min(os.cpu_count() or 1, 8)
+from torchtool.core.runtime import DEFAULT_WORKERS, INFER_BATCH, TRAIN_BATCH
+
+__all__ = ["DEFAULT_WORKERS", "INFER_BATCH", "TRAIN_BATCH", "given_options"]
 
 Device = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when available).")
@@ -15,8 +16,9 @@ Workers = Annotated[
     int, typer.Option("--workers", "-j", min=0, help="Data-loading worker processes (0: load in the main process).")
 ]
 Format = Annotated[
-    Literal["table", "json", "jsonl", "csv"],
-    typer.Option("--format", "-f", help="Output format: a table for people, json, jsonl or csv for scripts."),
+    Literal["table", "json", "jsonl", "csv", "markdown"],
+    typer.Option("--format", "-f", help="Output format: a table for people; json, jsonl or csv for scripts; "
+                 "markdown for pasting into an issue."),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Shorthand for --format json.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
@@ -30,3 +32,9 @@ Weights = Annotated[
                  "IMAGENET1K_V1, none (random init), or a local .pth/.pt/.safetensors file or torchtool checkpoint."),
 ]
 ModelName = Annotated[str, typer.Option("--model", "-m", help="A torchvision classification model, e.g. resnet18, vgg16.")]
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The parameters the user set (command line or environment), asked of click, never guessed from defaults."""
+    return {name for name in ctx.params
+            if (source := ctx.get_parameter_source(name)) is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}

@@ -1,18 +1,15 @@
 """torchtool env-info: the PyTorch environment, for bug reports and for scripts."""
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
-from torchtool.commands._options import Json
+from torchtool.commands._options import Format, Json
 from torchtool.core import output
 
 
 def run(
-    format: Annotated[
-        Literal["table", "json", "jsonl", "csv", "markdown"],
-        typer.Option("--format", "-f", help="table, json, jsonl, csv, or markdown for pasting into an issue."),
-    ] = "table",
+    format: Format = "table",
     json_: Json = False,
     require: Annotated[
         list[str],
@@ -30,11 +27,7 @@ def run(
     if unknown:
         raise output.UsageError(f"unknown requirement {unknown[0]!r}", hint=f"choose from: {', '.join(env.REQUIREMENTS)}")
     info = env.collect()
-    fmt = output.pick_format(format, json_)
-    if fmt == "markdown":
-        typer.echo(env.to_markdown(info))
-    else:
-        output.emit(info, fmt)
+    output.emit(info, output.pick_format(format, json_), title="torchtool env-info")
     reasons = env.check_requirements(info, require, min_gpus)
     if reasons:
         raise output.Failure("; ".join(reasons), hint="this environment does not meet --require/--min-gpus")

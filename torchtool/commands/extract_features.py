@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.commands._options import (
-    DEFAULT_WORKERS, Amp, Device, Json, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
+    DEFAULT_WORKERS, INFER_BATCH, Amp, Device, Format, Json, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
 )
 from torchtool.core import output
 
@@ -40,7 +40,8 @@ def run(
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Crop size (default: the weights').")] = None,
     resize: Annotated[Optional[int], typer.Option("--resize", min=16, help="Resize the short side to this before cropping.")] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: 64 on a GPU, 16 on CPU).")
+        Optional[int], typer.Option("--batch-size", "-b", min=1, help=f"Images per batch (default: {INFER_BATCH['accelerator']} on "
+                     f"a GPU, {INFER_BATCH['cpu']} on CPU).")
     ] = None,
     workers: Workers = DEFAULT_WORKERS,
     device: Device = "auto",
@@ -49,9 +50,7 @@ def run(
     overwrite: Overwrite = False,
     strict: Strict = False,
     quiet: Quiet = False,
-    format: Annotated[
-        Literal["table", "json", "jsonl", "csv"], typer.Option("--format", "-f", help="Summary / --list-layers format.")
-    ] = "table",
+    format: Format = "table",
     json_: Json = False,
 ) -> None:
     """Extract features of many layers in one forward pass, streamed to .npy files.
@@ -60,18 +59,14 @@ def run(
     """
     fmt = output.pick_format(format, json_)
     if list_layers:
-        from torchtool.core.features import LayerCatalog
-        from torchtool.core.models import build_model, resolve_weights
+        from torchtool.core.features.run import list_layers as layer_table
 
-        choice = resolve_weights(model, weights)  # pretrained or not, the layers are the same: no download
-        built = build_model(model, choice if choice.kind == "file" else "none")
-        size = image_size or built.preprocess.crop_size
-        output.emit(LayerCatalog(built.model, built.arch).table(size), fmt, ["name", "target", "kind", "shape"])
+        output.emit(layer_table(model, weights, image_size), fmt, ["name", "target", "kind", "shape"])
         return
     if not inputs and list_file is None:
         raise output.UsageError("no inputs given", hint="pass image files or folders, - for stdin, or --list FILE")
 
-    from torchtool.core.extract import ExtractConfig, run_extraction
+    from torchtool.core.features.run import ExtractConfig, run_extraction
 
     config = ExtractConfig(
         inputs=inputs or [], model=model, weights=weights, layers=layer, pool=pool, normalize=normalize, dtype=dtype,
@@ -80,7 +75,6 @@ def run(
         quiet=quiet, seed=seed,
     )
     summary = run_extraction(config)
-    if summary.pop("rank") == 0:
-        output.emit(summary, fmt)
+    output.emit(summary, fmt)
     if summary["skipped"]:
         raise typer.Exit(output.EXIT_PARTIAL)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
-from torchtool.commands._options import (DEFAULT_WORKERS, Amp, BatchSize, Device, Json, ModelName, Overwrite, Quiet,
-                                         Seed, Strict, Weights, Workers)
+from torchtool.commands._options import (DEFAULT_WORKERS, TRAIN_BATCH, Amp, BatchSize, Device, Format, Json, ModelName,
+                                         Overwrite, Quiet, Seed, Strict, Weights, Workers, given_options)
 from torchtool.core import output
 
 Recipe = "Recipes"
@@ -25,6 +24,7 @@ def _milestones(text: str) -> list[int]:
 
 
 def run(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="DATA/train/<class>/... and DATA/val/<class>/..., or DATA/<class>/... "
                                          "with --val-split.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: last.pth, best.pth, metrics.csv, curves.png.",
@@ -34,7 +34,7 @@ def run(
     val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of each class (stratified, "
                                                        "seeded) when DATA has no val/ folder.")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs to train.")] = 10,
-    batch_size: BatchSize = 64,
+    batch_size: BatchSize = TRAIN_BATCH,
     workers: Workers = DEFAULT_WORKERS,
     image_size: Annotated[Optional[int], typer.Option(min=8, help="Crop size (default: the weights' own, e.g. 224); "
                                                       "validation resizes in the weights' ratio, then center-crops.")] = None,
@@ -75,7 +75,8 @@ def run(
                                             rich_help_panel=Schedule)] = "",
     gamma: Annotated[float, typer.Option(min=0, help="Factor of step, multistep and plateau.",
                                          rich_help_panel=Schedule)] = 0.1,
-    warmup_epochs: Annotated[int, typer.Option(min=0, help="Linear warm-up from lr/(N+1) to lr over N epochs.",
+    warmup_epochs: Annotated[int, typer.Option(min=0, help="Linear warm-up from lr/(N+1) to lr over N epochs (with "
+                                               "N >= --epochs the whole run warms up).",
                                                rich_help_panel=Schedule)] = 0,
     plateau_patience: Annotated[int, typer.Option(min=0, help="plateau: epochs without a better validation "
                                                   "accuracy before lr drops.", rich_help_panel=Schedule)] = 2,
@@ -89,8 +90,8 @@ def run(
                                           rich_help_panel=Run)] = False,
     device: Device = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last.pth with the run's settings; "
-                                         "options given with other than their default values override them (e.g. "
-                                         "--epochs 30 to train longer). Starts afresh when there is no checkpoint yet.",
+                                         "the options given override them (e.g. --epochs 30 to train longer). Starts "
+                                         "afresh when there is no checkpoint yet.",
                                          rich_help_panel=Run)] = False,
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (a last.pth or best.pth), "
                                                         "writing to --out.", rich_help_panel=Run)] = None,
@@ -100,6 +101,7 @@ def run(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to OUT/tensorboard.",
                                               rich_help_panel=Run)] = False,
     strict: Strict = False,
+    format: Format = "table",
     json_: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -113,6 +115,7 @@ def run(
     """
     from torchtool.core.train import TrainConfig, fit
 
+    fmt = output.pick_format(format, json_)
     cfg = TrainConfig(
         data=str(data), out=str(out), model=model, weights=weights, val_split=val_split, epochs=epochs,
         batch_size=batch_size, workers=workers, image_size=image_size, augment=augment, rcm=rcm,
@@ -122,11 +125,9 @@ def run(
         schedule=schedule, milestones=_milestones(milestones), gamma=gamma, warmup_epochs=warmup_epochs,
         plateau_patience=plateau_patience, patience=patience, seed=seed, deterministic=deterministic, amp=amp,
         sync_bn=sync_bn, device=device, strict=strict)
-    resume_arg = str(resume_from) if resume_from is not None else ("" if resume else None)
-    summary = fit(cfg, resume=resume_arg, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
-                  export=str(export_weights) if export_weights else None)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the summary; one prints it
-        output.emit(summary if json_ else {k: v for k, v in summary.items() if k != "skipped"},
-                    "json" if json_ else "table")
+    summary = fit(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
+                  export=str(export_weights) if export_weights else None, given=given_options(ctx))
+    # the list of skipped images is for scripts; people get the count and the line on stderr
+    output.emit(summary if fmt in ("json", "jsonl") else {k: v for k, v in summary.items() if k != "skipped"}, fmt)
     if summary["skipped_images"]:
         raise typer.Exit(output.EXIT_PARTIAL)

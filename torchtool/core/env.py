@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -192,30 +191,3 @@ def check_requirements(info: dict[str, Any], require: list[str], min_gpus: int =
     if min_gpus and (cuda["device_count"] if isinstance(cuda["device_count"], int) else 0) < min_gpus:
         reasons.append(f"{min_gpus} GPU(s) required, {cuda['device_count'] or 0} visible")
     return reasons
-
-
-def to_markdown(info: dict[str, Any]) -> str:
-    """The report as a Markdown list, for pasting into an issue."""
-    lines = ["<details><summary>torchtool env-info</summary>", ""]
-
-    def walk(data: dict[str, Any], depth: int) -> None:
-        for key, value in data.items():
-            pad = "  " * depth
-            if isinstance(value, dict):
-                lines.append(f"{pad}- **{key}**:" if value else f"{pad}- **{key}**: (none)")
-                walk(value, depth + 1)
-            elif isinstance(value, list) and value and isinstance(value[0], dict):
-                lines.append(f"{pad}- **{key}**:")
-                for item in value:
-                    lines.append(f"{pad}  - " + ", ".join(f"{k}: {v}" for k, v in item.items()))
-            else:
-                shown = "none" if value is None or value == [] else value
-                lines.append(f"{pad}- {key}: {_md_escape(str(shown))}")
-
-    walk(info, 0)
-    lines += ["", "</details>"]
-    return "\n".join(lines)
-
-
-def _md_escape(text: str) -> str:
-    return re.sub(r"([*_`|])", r"\\\1", text)

@@ -1,27 +1,27 @@
-"""Rendering records, progress bars, atomic files and the errors users see.
+"""Records -> table/json/jsonl/csv/markdown, progress bars, the errors users see, exit codes.
 
-Everything here is light: importing it must not pull in torch.
+Everything here is light: importing it must not pull in torch. Under torchrun only the
+process of rank 0 writes records, log lines and progress bars (:func:`is_main_process`);
+error lines come from every process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import stat
+import difflib
+import re
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-FORMATS = ("table", "json", "jsonl", "csv")
+FORMATS = ("table", "json", "jsonl", "csv", "markdown")
 
 # Exit codes, one table for the whole tool.
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
@@ -71,9 +71,21 @@ def error_line(message: str, hint: str | None = None) -> str:
     return text
 
 
+def is_main_process() -> bool:
+    """False in the processes of rank 1, 2, ... under torchrun: they write no records or logs."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def warn(message: str) -> None:
-    """A warning or log line on stderr, never on stdout."""
-    print(f"torchtool: {message}", file=sys.stderr, flush=True)
+    """A warning or log line on stderr, never on stdout (rank 0 only under torchrun)."""
+    if is_main_process():
+        print(f"torchtool: {message}", file=sys.stderr, flush=True)
+
+
+def suggest(name: str, choices: Sequence[str], n: int = 3) -> str:
+    """'did you mean ...' text for a mistyped name ('' when nothing is close)."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else ""
 
 
 # --- records -----------------------------------------------------------------
@@ -160,11 +172,44 @@ def render_mapping(data: Mapping[str, Any], indent: int = 0) -> str:
     return "\n".join(lines)
 
 
-def render(data: Any, fmt: str = "table", columns: Sequence[str] | None = None) -> str:
-    """Render a dict (one record) or a list of dicts in one of FORMATS."""
+def _md(value: Any) -> str:
+    shown = "none" if value is None or value == [] else _cell(value)
+    return re.sub(r"([*_`|])", r"\\\1", shown)
+
+
+def render_markdown(data: Any, columns: Sequence[str] | None = None, title: str | None = None) -> str:
+    """Rows as a Markdown table, a nested dict as a nested list; ``title`` folds it in <details>."""
+    lines: list[str] = []
+    if isinstance(data, (list, tuple)):
+        cols = _columns(data, columns)
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_md(r.get(c)) for c in cols) + " |" for r in data]
+    else:
+        def walk(node: Mapping[str, Any], depth: int) -> None:
+            pad = "  " * depth
+            for key, value in node.items():
+                if isinstance(value, Mapping):
+                    lines.append(f"{pad}- **{key}**:" if value else f"{pad}- **{key}**: (none)")
+                    walk(value, depth + 1)
+                elif isinstance(value, (list, tuple)) and value and isinstance(value[0], Mapping):
+                    lines.append(f"{pad}- **{key}**:")
+                    lines.extend(f"{pad}  - " + ", ".join(f"{k}: {_md(v)}" for k, v in item.items()) for item in value)
+                else:
+                    lines.append(f"{pad}- {key}: {_md(value)}")
+
+        walk(data, 0)
+    if title:
+        lines = [f"<details><summary>{title}</summary>", "", *lines, "", "</details>"]
+    return "\n".join(lines)
+
+
+def render(data: Any, fmt: str = "table", columns: Sequence[str] | None = None, title: str | None = None) -> str:
+    """Render a dict (one record) or a list of dicts in one of FORMATS (``title``: markdown's)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", hint=f"choose one of: {', '.join(FORMATS)}")
     is_rows = isinstance(data, (list, tuple))
+    if fmt == "markdown":
+        return render_markdown(data, columns, title)
     if fmt == "json":
         return to_json(data)
     if fmt == "jsonl":
@@ -189,9 +234,11 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def emit(data: Any, fmt: str = "table", columns: Sequence[str] | None = None) -> None:
-    """Write rendered data to stdout: the only place commands put data."""
-    text = render(data, fmt, columns)
+def emit(data: Any, fmt: str = "table", columns: Sequence[str] | None = None, title: str | None = None) -> None:
+    """Write rendered data to stdout: the only place commands put data (rank 0 only under torchrun)."""
+    if not is_main_process():
+        return
+    text = render(data, fmt, columns, title)
     if text:
         sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -207,72 +254,9 @@ def pick_format(fmt: str | None, json_flag: bool = False) -> str:
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
              unit: str = "it", quiet: bool = False, **kwargs: Any):
-    """A tqdm bar on stderr, shown only when stderr is a terminal and not ``quiet``."""
+    """A tqdm bar on stderr, shown only when stderr is a terminal (tqdm's ``disable=None``), not ``quiet``."""
     from tqdm.auto import tqdm
 
-    disable = quiet or not sys.stderr.isatty()
+    disable = True if quiet or not is_main_process() else None
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr,
                 dynamic_ncols=True, leave=False, **kwargs)
-
-
-# --- files -------------------------------------------------------------------
-
-
-def _file_mode(path: Path) -> int:
-    """An existing file's permissions, else the umask's default for a new file."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mask = os.umask(0)  # reading the umask means setting it; put it straight back
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it.
-
-    If the body raises, the temporary file is removed and any previous ``path`` is left
-    untouched, so readers never see a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give what open() would
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
-    """``open()`` whose result appears at ``path`` only if the body finishes."""
-    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as fh:
-        yield fh
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a whole text file atomically."""
-    with atomic_write(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
-def atomic_save(path: str | os.PathLike, writer: Any) -> None:
-    """Atomically write a file produced by ``writer(tmp_path)`` (torch.save, savefig, ...)."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
-def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``overwrite`` was given."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it")
-    return path

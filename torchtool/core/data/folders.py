@@ -1,21 +1,19 @@
-"""finetune's data: train/val image folders or a stratified split, checked before training.
+"""Class folders (``root/<class>/...``) and their train/validation splits, checked before any work.
 
-Training samples are augmented with torch's generator seeded from (run seed, epoch, image
-index), so a run's augmentations do not depend on the number of workers or processes, and
-a resumed run sees exactly the images an uninterrupted one would.
+Class names come from torchvision's ``find_classes``; files are walked with our own
+symlink-cycle guard (:func:`~torchtool.core.data.images.walk_images`; torchvision's
+``make_dataset`` follows a cycle until the path is too long). ``--val-split`` is
+scikit-learn's stratified ``train_test_split``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import random
-import struct
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from torchtool.core.data import scan_image_folder
+from torchtool.core.data.images import IMAGE_EXTENSIONS, walk_images
 from torchtool.core.output import UsageError
 
 LAYOUT_HINT = "expected DATA/train/<class>/... and DATA/val/<class>/..., or DATA/<class>/... with --val-split 0.2"
@@ -34,23 +32,52 @@ class Splits:
     val_files: list[str] | None = None
 
 
-def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, val indices): ``fraction`` of each class held out, chosen by ``seed``.
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """An ImageFolder tree ``root/<class>/...``: (paths, targets, sorted class names).
 
-    Every class with two or more images keeps at least one on each side.
+    Hidden folders (``.ipynb_checkpoints``...) are no classes. Class folders with no image
+    files are kept in ``classes`` so callers can report them.
     """
-    by_class: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        by_class.setdefault(t, []).append(i)
-    rng = random.Random(seed)
-    train, val = [], []
-    for t in sorted(by_class):
-        idx = by_class[t]
-        rng.shuffle(idx)
-        k = min(max(round(len(idx) * fraction), 1), len(idx) - 1) if len(idx) > 1 else 0
-        val.extend(idx[:k])
-        train.extend(idx[k:])
-    return sorted(train), sorted(val)
+    from torchvision.datasets.folder import find_classes
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"no such directory: {root}")
+    try:
+        classes = [c for c in find_classes(str(root))[0] if not c.startswith(".")]
+    except FileNotFoundError:  # find_classes' word for "no class folders"
+        classes = []
+    paths: list[Path] = []
+    targets: list[int] = []
+    for idx, name in enumerate(classes):
+        files = walk_images(root / name)
+        paths.extend(files)
+        targets.extend([idx] * len(files))
+    return paths, targets, classes
+
+
+def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, val indices): ``fraction`` held out, stratified by class, chosen by ``seed``.
+
+    scikit-learn's ``train_test_split(stratify=...)``; a class with a single image stays in
+    training (stratifying needs two).
+    """
+    from sklearn.model_selection import train_test_split
+
+    counts: dict[int, int] = {}
+    for t in targets:
+        counts[t] = counts.get(t, 0) + 1
+    lone = [i for i, t in enumerate(targets) if counts[t] < 2]
+    rest = [i for i, t in enumerate(targets) if counts[t] >= 2]
+    if not rest:
+        return sorted(lone), []
+    try:
+        train, val = train_test_split(rest, test_size=fraction, random_state=seed,
+                                      stratify=[targets[i] for i in rest])
+    except ValueError as exc:  # fewer held-out (or kept) images than classes
+        raise UsageError(f"--val-split {fraction} cannot hold out every class of {len(rest)} images: {exc}",
+                         hint="use a --val-split that leaves at least one image of each class on each side") from None
+    return sorted([*train, *lone]), sorted(val)
 
 
 def _scan(root: Path, what: str) -> tuple[list[Path], list[int], list[str]]:
@@ -59,7 +86,7 @@ def _scan(root: Path, what: str) -> tuple[list[Path], list[int], list[str]]:
         raise UsageError(f"no class folders in {root}", hint=LAYOUT_HINT)
     if not paths:
         raise UsageError(f"no images in the {what} class folders under {root}",
-                         hint="looked for .jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff and .gif files")
+                         hint=f"looked for {', '.join(IMAGE_EXTENSIONS)} files (case-insensitive)")
     return paths, targets, classes
 
 
@@ -101,62 +128,3 @@ def find_splits(data: str | Path, val_split: float | None, seed: int) -> Splits:
         raise UsageError(f"--val-split {val_split} leaves no validation images", hint="use more images per class")
     return Splits(classes, [paths[i] for i in tr], [targets[i] for i in tr], [paths[i] for i in va],
                   [targets[i] for i in va], train_root, [str(paths[i].relative_to(train_root)) for i in va])
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch (stable across runs and machines)."""
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, epoch, index), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class SeededSamples:
-    """Wraps a dataset so item ``(epoch, index)`` is drawn under its own seed.
-
-    The epoch travels with the index (see :class:`EpochSampler`) because persistent
-    workers hold their own copy of the dataset and never see attribute changes.
-    """
-
-    def __init__(self, dataset: Any, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        import torch
-
-        epoch, index = key
-        # CPU transforms draw from the default CPU generator only: seeding just that one costs ~2 us,
-        # where torch.manual_seed (which also queues CUDA seeding) costs ~300 us a sample.
-        generator = torch.default_generator
-        saved = generator.get_state()  # leave the caller's generator as it was
-        generator.manual_seed(sample_seed(self.seed, epoch, index))
-        try:
-            return self.dataset[index]
-        finally:
-            generator.set_state(saved)
-
-
-class EpochSampler:
-    """Yields ``(epoch, index)`` from an inner sampler that has ``set_epoch`` (DistributedSampler)."""
-
-    def __init__(self, sampler: Any):
-        self.sampler = sampler
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return ((epoch, i) for i in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-def shard(n: int, rank: int, world_size: int) -> list[int]:
-    """This process's share of ``range(n)`` for evaluation: no padding, so sums stay exact."""
-    return list(range(rank, n, world_size))

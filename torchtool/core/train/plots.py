@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.output import atomic_save
+from torchtool.core.files import atomic_save
 
 
 def _plain_log_formatter(**kwargs: Any) -> Any:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from torchtool.core.output import UsageError, atomic_write_text
+from torchtool.core.files import atomic_write_text
+from torchtool.core.output import UsageError
 
 PENDING, OK, SKIPPED = 0, 1, 2
 STATE_DIR = ".state"

@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.output import atomic_write, warn
-from torchtool.core.plots import plot_curves
+from torchtool.core.files import atomic_write
+from torchtool.core.output import warn
+from torchtool.core.train.plots import plot_curves
 
 COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 TENSORBOARD_HINT = "tensorboard is not installed, so no event files: pip install tensorboard " \

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.output import Failure, UsageError, atomic_save
+from torchtool.core.files import atomic_save
+from torchtool.core.output import Failure, UsageError
 
 FORMAT = "torchtool.checkpoint/1"
 # Where common training scripts nest the weights inside a checkpoint dict.
@@ -70,13 +71,6 @@ class WeightsFile:
     arch: str | None = None
     classes: list[str] | None = None
     preprocess: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def read_weights_file(path: str | os.PathLike) -> WeightsFile:
@@ -100,8 +94,7 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
 
     obj = load_checkpoint(path)
     if is_torchtool_checkpoint(obj):
-        return WeightsFile(path, obj["model"], obj.get("arch"), obj.get("classes"), obj.get("preprocess"),
-                           extra={k: v for k, v in obj.items() if k != "model"})
+        return WeightsFile(path, obj["model"], obj.get("arch"), obj.get("classes"), obj.get("preprocess"))
     if isinstance(obj, dict):
         for key in _NESTED_KEYS:
             if isinstance(obj.get(key), dict):
@@ -109,8 +102,11 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise Failure(f"{path} holds no state_dict", hint="expected a dict of tensor names to tensors")
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    obj = dict(obj)  # our own copy: it is edited in place
     for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
-        obj = _strip_prefix(obj, prefix)
+        consume_prefix_in_state_dict_if_present(obj, prefix)
     return WeightsFile(path, obj)
 
 

@@ -1,4 +1,4 @@
-"""The extract-features run: inputs -> model -> layers -> memory-mapped files, resumable.
+"""The extract-features run: inputs -> model -> layers -> memory-mapped files, resumable; --list-layers.
 
 Under torchrun every process takes every ``world_size``-th pending row and writes its
 rows into the same files; rank 0 writes index.csv and meta.json at the end.
@@ -16,16 +16,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchtool.core import data, device as devices
-from torchtool.core.feature_store import FeatureStore, prepare_output
-from torchtool.core.features import POOLS, FeatureExtractor, LayerCatalog
-from torchtool.core.models import build_model
-from torchtool.core.output import Failure, UsageError, atomic_write_text, progress, to_json, warn
+from torchtool.core import infer, runtime
+from torchtool.core.data.images import find_images
+from torchtool.core.data.loading import ImageDataset, lower_priority, make_loader
+from torchtool.core.data.transforms import CenterCrop, Normalize
+from torchtool.core.features.extractor import FeatureExtractor
+from torchtool.core.features.layers import LayerCatalog
+from torchtool.core.features.pooling import POOLS
+from torchtool.core.features.store import FeatureStore, prepare_output
+from torchtool.core.files import atomic_write_text
+from torchtool.core.models.build import build_model
+from torchtool.core.models.weights import resolve_weights
+from torchtool.core.output import UsageError, progress, to_json, warn
 
 
 @dataclass
 class ExtractConfig:
-    """Everything an extraction depends on (plain values: it is recorded in meta.json)."""
+    """Everything an extraction depends on, as plain values (recorded in meta.json as "config")."""
 
     inputs: list[str]
     model: str | None = "resnet18"
@@ -36,8 +43,8 @@ class ExtractConfig:
     dtype: str = "float32"
     out: str = "features"
     list_file: str | None = None
-    batch_size: int | None = None  # None: 64 on accelerators, 16 on CPU (smaller batches stay in cache)
-    workers: int = 2
+    batch_size: int | None = None  # None: runtime.default_batch_size of the device
+    workers: int = runtime.DEFAULT_WORKERS
     device: str = "auto"
     amp: bool = False
     image_size: int | None = None
@@ -88,43 +95,36 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _share_paths(dist: devices.Dist, paths: list[Path] | None) -> list[Path]:
-    """Rank 0's input list for every rank (stdin can only be read once)."""
-    if not dist.enabled:
-        return paths or []
-    import torch.distributed as tdist
-
-    box = [paths]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
+def list_layers(model: str | None, weights: str, image_size: int | None = None) -> list[dict[str, Any]]:
+    """``--list-layers``: every layer name of the model with its per-sample shape (nothing is downloaded)."""
+    choice = resolve_weights(model, weights)  # pretrained or not, the layers are the same
+    built = build_model(model, choice if choice.kind == "file" else "none")
+    return LayerCatalog(built.model, built.arch).table(image_size or built.preprocess.crop_size)
 
 
 def _layer_shapes(extractor: FeatureExtractor, crop: int, dev: torch.device, amp: bool) -> dict[str, tuple]:
-    with torch.inference_mode(), devices.autocast(dev, amp):
+    with torch.inference_mode(), runtime.autocast(dev, amp):
         out = extractor(torch.zeros(1, 3, crop, crop, device=dev))
     return {name: tuple(t.shape[1:]) for name, t in out.items()}
 
 
 def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract features for every input; returns the summary (with this process's ``rank``)."""
+    """Extract features for every input; returns the run's summary (every process has it)."""
     started = time.perf_counter()
     if cfg.dtype not in ("float32", "float16"):
         raise UsageError(f"unknown --dtype {cfg.dtype!r}", hint="choose float32 or float16")
     default_pool, per_layer_pool = parse_pools(cfg.pool)
     layer_names = split_layers(cfg.layers)
-    dist = devices.init_distributed(cfg.device)
-    try:
+    with runtime.distributed(cfg.device) as dist:
         return _run(cfg, dist, default_pool, per_layer_pool, layer_names, started)
-    finally:
-        devices.close_distributed()
 
 
-def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_pool: dict[str, str],
+def _run(cfg: ExtractConfig, dist: runtime.Dist, default_pool: str, per_layer_pool: dict[str, str],
          layer_names: list[str], started: float) -> dict[str, Any]:
-    # 1. validate everything cheap before any image is read
-    paths = _share_paths(dist, data.find_images(cfg.inputs, cfg.list_file) if dist.is_main else None)
-    dev = devices.resolve_device(cfg.device, dist.local_rank)
-    devices.seed_everything(cfg.seed)  # random-init weights (--weights none) must agree across ranks and reruns
+    # 1. validate everything cheap before any image is read (stdin is read once, by rank 0)
+    paths = dist.broadcast(find_images(cfg.inputs, cfg.list_file) if dist.is_main else None)
+    dev = runtime.resolve_device(cfg.device, dist.local_rank)
+    runtime.seed_everything(cfg.seed)  # random-init weights (--weights none) must agree across ranks and reruns
     built = build_model(cfg.model, cfg.weights, device="cpu")
     preprocess = built.preprocess.resized(cfg.image_size, cfg.resize)
     catalog = LayerCatalog(built.model, built.arch)
@@ -145,7 +145,7 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
             "layers": {lay.name: {"target": lay.target, "pool": lay.pool, "shape": [len(paths), *shapes[lay.name]],
                                   "dtype": cfg.dtype} for lay in layers},
             "pooling": {lay.name: lay.pool for lay in layers}, "normalize": cfg.normalize,
-            "preprocess": preprocess.to_dict(), "rows": len(paths), "versions": _versions()}
+            "preprocess": preprocess.to_dict(), "rows": len(paths), "config": asdict(cfg), "versions": _versions()}
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "meta.json", to_json(meta))  # first, so a killed run is never taken as done
@@ -161,33 +161,20 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     # 3. the loop: workers decode and crop to uint8 (4x less to pass on than floats), the batch
     # is normalised on the device, one forward gives every layer, rows are written as they come
     crop = preprocess.crop_size
-    dataset = data.ImageDataset([paths[i] for i in todo],
-                                data.CenterCrop(crop, preprocess.resize_size, preprocess.interpolation),
-                                fallback_shape=(crop, crop, 3), fallback_dtype="uint8")
-    normalize = data.Normalize(preprocess.mean, preprocess.std, dev)
-    batch_size = cfg.batch_size or (16 if dev.type == "cpu" else 64)
-    loader = data.make_loader(dataset, batch_size, cfg.workers, pin_memory=dev.type == "cuda",
-                              worker_init=data.lower_priority)
-    bar = progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet or not dist.is_main)
-    trim = devices.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
+    dataset = ImageDataset([paths[i] for i in todo], CenterCrop(crop, preprocess.resize_size, preprocess.interpolation),
+                           fallback_shape=(crop, crop, 3), fallback_dtype="uint8")
+    loader = make_loader(dataset, cfg.batch_size or runtime.default_batch_size(dev), cfg.workers,
+                         pin_memory=dev.type == "cuda", worker_init=lower_priority)
+    bad = infer.BadInputs(dataset.paths, cfg.strict)
+    trim = runtime.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
     loop_started = time.perf_counter()
-    with torch.inference_mode(), bar:
-        for x, _, local, errors in loader:
-            rows = todo[local.numpy()]
-            good = np.array([not e for e in errors], dtype=bool)
-            bad = {int(r): e for r, e, g in zip(rows, errors, good) if not g}
-            if bad and cfg.strict:
-                raise Failure(f"cannot read {paths[next(iter(bad))]}: {next(iter(bad.values()))}",
-                              hint="drop --strict to skip unreadable inputs and keep going")
-            feats: dict[str, np.ndarray] = {}
-            if good.any():
-                xb = x[torch.from_numpy(good)] if not good.all() else x
-                xb = normalize(xb)  # channels_last float on the device
-                with devices.autocast(dev, cfg.amp):
-                    result = extractor(xb)
-                feats = {k: v.float().cpu().numpy().astype(cfg.dtype, copy=False) for k, v in result.items()}
-            store.write(rows[good], feats, bad)
-            bar.update(len(rows))
+    with progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet) as bar:
+        for batch in infer.run(extractor, loader, dev, bad=bad, normalize=Normalize(preprocess.mean, preprocess.std, dev),
+                               amp=cfg.amp, bar=bar):
+            rows = todo[batch.indices.numpy()]
+            feats = {} if batch.outputs is None else {
+                k: v.float().cpu().numpy().astype(cfg.dtype, copy=False) for k, v in batch.outputs.items()}
+            store.write(rows[batch.good.numpy()], feats, {int(todo[i]): e for i, e in batch.errors.items()})
             trim()
 
     # 4. finish: rank 0 writes the index and marks the run complete
@@ -210,5 +197,4 @@ def _run(cfg: ExtractConfig, dist: devices.Dist, default_pool: str, per_layer_po
     else:
         store.close()
     dist.barrier()  # no process exits (and gets its siblings killed by torchrun) before the files are final
-    summary["rank"] = dist.rank
     return summary

@@ -13,7 +13,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
-AUGMENTS = ("standard", "light", "none")
+from torchtool.core.train.config import AUGMENTS
 
 
 class RegionConfusion(v2.Transform):

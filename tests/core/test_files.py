@@ -1,0 +1,109 @@
+"""Atomic writes and the refuse-to-overwrite rule (torchtool.core.files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from torchtool.core import files
+from torchtool.core.output import UsageError
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_write_replaces_the_file(tmp_path):
+    target = tmp_path / "index.csv"
+    target.write_text("old\n")
+    with files.atomic_write(target) as fh:
+        fh.write("new\n")
+    assert target.read_text() == "new\n"
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "index.csv"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError, match="disk on fire"), files.atomic_write(target) as fh:
+        fh.write("half of the new conte")
+        fh.flush()
+        raise RuntimeError("disk on fire")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.csv"]
+
+
+def test_atomic_write_creates_missing_folders_and_nothing_when_it_fails(tmp_path):
+    target = tmp_path / "a" / "b" / "out.json"
+    with pytest.raises(KeyboardInterrupt), files.atomic_write(target) as fh:
+        fh.write("{")
+        raise KeyboardInterrupt
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+    files.atomic_write_text(target, '{"ok": true}')
+    assert json.loads(target.read_text()) == {"ok": True}
+
+
+def test_atomic_write_binary_mode(tmp_path):
+    target = tmp_path / "blob.bin"
+    with files.atomic_write(target, "wb") as fh:
+        fh.write(b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+
+
+def test_atomic_save_calls_the_writer_with_a_temporary_path(tmp_path):
+    target = tmp_path / "model.pt"
+    seen = []
+
+    def writer(path):
+        seen.append(path)
+        path.write_bytes(b"weights")
+
+    files.atomic_save(target, writer)
+    assert target.read_bytes() == b"weights"
+    assert seen[0].parent == tmp_path and seen[0] != target
+    assert _leftovers(tmp_path) == []
+
+
+def test_atomic_save_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"good checkpoint")
+
+    def writer(path):
+        path.write_bytes(b"trunc")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        files.atomic_save(target, writer)
+    assert target.read_bytes() == b"good checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new.txt"
+        files.atomic_write_text(new, "x")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # as open() would, not mkstemp's 0600
+        kept = tmp_path / "kept.txt"
+        kept.write_text("x")
+        kept.chmod(0o640)
+        files.atomic_write_text(kept, "y")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_check_writable(tmp_path):
+    target = tmp_path / "features.npy"
+    assert files.check_writable(target, overwrite=False) == target
+    target.write_bytes(b"x")
+    with pytest.raises(UsageError) as info:
+        files.check_writable(str(target), overwrite=False)
+    assert info.value.exit_code == 2
+    assert str(target) in info.value.message
+    assert "--overwrite" in info.value.hint
+    assert files.check_writable(target, overwrite=True) == target

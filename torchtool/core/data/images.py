@@ -1,0 +1,122 @@
+"""Finding image files and decoding them robustly to RGB.
+
+A bad input (missing, zero-byte, truncated, not an image, a decompression bomb) raises
+here with a reason :func:`describe_error` turns into one short line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torchtool.core.output import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Refuse images with more pixels than this (PIL's own bomb limit), decoded or not.
+MAX_PIXELS = 89_478_485
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """True when the file name has an image extension (any case)."""
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def walk_images(root: Path) -> list[Path]:
+    """Image files under ``root``, recursively, in a deterministic sorted order."""
+    found = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink back into the tree (a cycle): walked already
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_name(f))
+    return found
+
+
+def _read_list(lines: Iterable[str]) -> list[Path]:
+    return [Path(line.rstrip("\r\n")) for line in lines if line.strip()]
+
+
+def find_images(paths: Sequence[str], list_file: str | os.PathLike | None = None) -> list[Path]:
+    """Resolve command-line inputs to an ordered list of image paths.
+
+    ``paths`` may hold image files, directories (walked recursively, sorted) and ``-``
+    (paths read from stdin, one per line); ``list_file`` holds one path per line. Paths
+    named on the command line must exist; paths from lists are kept even when missing,
+    so they show up as skipped rows rather than silently vanishing.
+    """
+    images: list[Path] = []
+    if list_file is not None:
+        list_path = Path(list_file)
+        if not list_path.is_file():
+            raise UsageError(f"no such list file: {list_path}")
+        with open(list_path, encoding="utf-8") as fh:
+            images.extend(_read_list(fh))
+    for raw in paths:
+        if raw == "-":
+            images.extend(_read_list(sys.stdin))
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            images.extend(walk_images(path))
+        elif path.exists():
+            images.append(path)
+        else:
+            raise UsageError(f"no such file or directory: {raw}")
+    if not images:
+        raise UsageError("no images found in the inputs",
+                         hint=f"looked for {', '.join(IMAGE_EXTENSIONS)} files (case-insensitive)")
+    return images
+
+
+def _to_rgb(img: Any) -> Any:
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        # 16-bit (and float) images: scale to 8 bits instead of clipping everything to white.
+        top = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or img.mode == "PA":
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Any:
+    """Open an image as RGB with EXIF orientation applied; raise ValueError/OSError if bad."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        # Our own limit below reports bombs as one line; PIL's extra warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
+        img.load()  # decode now so truncated files fail here, not later
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, single-line reason for a bad input."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (or an unsupported format)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb: {exc}".splitlines()[0][:200]
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

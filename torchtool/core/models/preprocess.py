@@ -1,0 +1,51 @@
+"""Evaluation preprocessing (resize, center crop, normalise) as plain data, from the weights' own transforms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torchtool.core.models.names import weights_enum
+from torchtool.core.output import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Preprocess:
+    """Evaluation preprocessing: resize, center crop, normalise (the weights' own transforms)."""
+
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"crop_size": self.crop_size, "resize_size": self.resize_size, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
+        return cls(int(data["crop_size"]), int(data["resize_size"]), tuple(data["mean"]), tuple(data["std"]),
+                   data.get("interpolation", "bilinear"))
+
+    def resized(self, image_size: int | None = None, resize: int | None = None) -> Preprocess:
+        """Override the crop (``--image-size``) and/or resize (``--resize``) keeping their ratio."""
+        crop = image_size or self.crop_size
+        if resize is None:
+            resize = self.resize_size if image_size is None else round(crop * self.resize_size / self.crop_size)
+        if resize < crop:
+            raise UsageError(f"--resize {resize} is smaller than the crop {crop}")
+        return Preprocess(crop, resize, self.mean, self.std, self.interpolation)
+
+
+def preprocess_for(arch: str, weights: Any = None) -> Preprocess:
+    """The preprocessing of ``weights`` (a weights enum member) or of the arch's DEFAULT weights."""
+    weights = weights or weights_enum(arch).DEFAULT
+    t = weights.transforms()
+    return Preprocess(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std),
+                      t.interpolation.value)
+
+

@@ -1,0 +1,82 @@
+"""A finetune run's settings: :class:`TrainConfig` (stored in every checkpoint) and its choices.
+
+A leaf: it imports nothing of the training code, so every other piece can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torchtool.core.output import UsageError
+from torchtool.core.runtime import DEFAULT_WORKERS, TRAIN_BATCH
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "multistep", "plateau", "none")
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+AUGMENTS = ("standard", "light", "none")
+# Settings that may change on --resume without changing the result, and settings that cannot change.
+RESUMABLE = ("data", "out", "device", "workers", "strict")
+FIXED_ON_RESUME = ("model", "optimizer", "freeze_backbone", "decay_all")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in every checkpoint (``dataclasses.asdict``)."""
+
+    data: str
+    out: str
+    model: str | None = None
+    weights: str = "DEFAULT"
+    val_split: float | None = None
+    epochs: int = 10
+    batch_size: int = TRAIN_BATCH  # per process: under torchrun the global batch is batch_size x processes
+    workers: int = DEFAULT_WORKERS
+    image_size: int | None = None  # None: the weights' own crop size
+    augment: str = "standard"
+    rcm: int = 0
+    rcm_neighbour: int = 1
+    optimizer: str | None = None  # None: sgd
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer
+    backbone_lr: float | None = None  # None: same as lr
+    freeze_backbone: bool = False
+    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY of the optimizer
+    decay_all: bool = False
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    l1: float = 0.0
+    clip_grad_norm: float | None = None
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    plateau_patience: int = 2
+    patience: int | None = None  # early stopping: epochs without a better val accuracy
+    seed: int = 0
+    deterministic: bool = False
+    amp: bool = False
+    sync_bn: bool = False
+    device: str = "auto"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        # Resolve defaults so the stored config holds the values actually used.
+        self.optimizer = self.optimizer or "sgd"
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}", hint=f"choose from: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r}", hint=f"choose from: {', '.join(SCHEDULES)}")
+        if self.augment not in AUGMENTS:
+            raise UsageError(f"unknown augmentation {self.augment!r}", hint=f"choose from: {', '.join(AUGMENTS)}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise UsageError("--schedule multistep needs --milestones", hint="e.g. --milestones 30,60")
+        self.lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+        self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay
+        self.backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr
+        self.milestones = sorted(int(m) for m in self.milestones)
+
+    @property
+    def warmup_covers_run(self) -> bool:
+        """True when --warmup-epochs leaves no epoch for the schedule: the whole run warms up."""
+        return self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs > 0

@@ -1,0 +1,104 @@
+"""One epoch of training, and one pass of validation (through the shared inference loop)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchtool.core import infer
+from torchtool.core.infer import BadInputs
+from torchtool.core.runtime import autocast
+from torchtool.core.train.config import TrainConfig
+
+
+@dataclass
+class Step:
+    """What one optimisation step needs, built once from the config."""
+
+    model: nn.Module  # DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    scaler: Any
+    mixer: Any
+    device: torch.device
+    cfg: TrainConfig
+    l1_params: list[torch.Tensor]
+    frozen_norms: list[nn.Module]
+    channels_last: bool
+
+
+def _forward_loss(step: Step, images: torch.Tensor, targets: torch.Tensor):
+    """Logits and the task loss (label smoothing, MixUp/CutMix) of one batch."""
+    inputs, soft = step.mixer(images, targets) if step.mixer is not None else (images, targets)
+    with autocast(step.device, step.cfg.amp):
+        logits = step.model(inputs)
+        loss = step.criterion(logits, soft)
+    return logits, loss
+
+
+def train_one_epoch(step: Step, loader: Any, bad: BadInputs, bar: Any) -> torch.Tensor:
+    """One pass over the training data; returns [loss sum, correct, images] (on the device)."""
+    step.model.train()
+    for module in step.frozen_norms:
+        module.eval()
+    dev, seen, shown = step.device, 0, time.monotonic()
+    # Running sums stay on the device: reading them (.item()) each batch would force a sync.
+    totals = torch.zeros(2, dtype=torch.float64, device=dev)
+    for images, targets, indices, errors in loader:
+        whole = images
+        good = bad.check(indices.tolist(), errors)
+        if good is not None:
+            images, targets = images[good], targets[good]
+        n = targets.shape[0]
+        bar.update(len(errors))
+        if n == 0:
+            if not isinstance(step.model, nn.parallel.DistributedDataParallel):
+                continue
+            # Every image unreadable: the other processes still expect this step's all-reduce,
+            # so take part with a zero loss (the placeholder images touch only BatchNorm statistics).
+            images, targets = whole, torch.zeros(len(errors), dtype=torch.long)
+        images = images.to(dev, non_blocking=True)
+        targets = targets.to(dev, non_blocking=True)
+        if step.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits, loss = _forward_loss(step, images, targets)
+        total = loss if n else loss * 0.0
+        if step.cfg.l1 and n:
+            total = total + step.cfg.l1 * sum(p.abs().sum() for p in step.l1_params)
+        step.optimizer.zero_grad(set_to_none=True)
+        step.scaler.scale(total).backward()
+        if step.cfg.clip_grad_norm:
+            step.scaler.unscale_(step.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_([p for g in step.optimizer.param_groups for p in g["params"]],
+                                     step.cfg.clip_grad_norm)
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+        if n:
+            totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double()])
+            seen += n
+        if not bar.disable and time.monotonic() - shown > 1:  # only when a person watches: one sync a second
+            shown = time.monotonic()
+            t = totals.tolist()
+            bar.set_postfix(loss=f"{t[0] / max(seen, 1):.4f}", acc=f"{t[1] / max(seen, 1):.3f}",
+                            lr=f"{step.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+    return torch.cat([totals, totals.new_tensor([seen])])
+
+
+def validate(model: nn.Module, loader: Any, step: Step, bad: BadInputs, bar: Any) -> torch.Tensor:
+    """[loss sum, correct, images] over this process's share of the validation data (plain cross-entropy)."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=step.device)
+    seen = 0
+    for batch in infer.run(model, loader, step.device, bad=bad, amp=step.cfg.amp, channels_last=step.channels_last,
+                           bar=bar):
+        if batch.outputs is None:
+            continue
+        logits, targets = batch.outputs.float(), batch.targets
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double()])
+        seen += targets.shape[0]
+    return torch.cat([totals, totals.new_tensor([seen])])

@@ -1,0 +1,117 @@
+"""Fine-tuning: ``fit(TrainConfig(...))`` is ``torchtool finetune`` from Python.
+
+The loop in :func:`_loop` reads top to bottom; setup, one epoch, checkpoints and logs are
+named helpers in their own modules. Under torchrun every process runs the same code:
+DistributedSampler shards the data, DDP averages gradients, metrics are all-reduced so
+every rank agrees, and only rank 0 writes files or draws bars.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from typing import Any
+
+from torchtool.core.infer import BadInputs
+from torchtool.core.models.checkpoint import load_checkpoint, save_safetensors
+from torchtool.core.output import progress, warn
+from torchtool.core.runtime import Dist, determinism, distributed, resolve_device, rng_state
+from torchtool.core.train import epoch as epochs, setup, state
+from torchtool.core.train.config import TrainConfig
+from torchtool.core.train.log import RunLog
+from torchtool.core.train.state import Run
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False, resume_from: str | None = None, overwrite: bool = False,
+        quiet: bool = False, tensorboard: bool = False, export: str | None = None,
+        given: Collection[str] = ()) -> dict[str, Any]:
+    """Train ``cfg`` and return the run's summary (best epoch, accuracy, paths, skipped images).
+
+    ``resume`` continues OUT/last.pth (starting afresh when there is none), ``resume_from`` a
+    given checkpoint; the checkpoint's settings are kept except those named in ``given``
+    (e.g. ``{"epochs"}``: the options the user set).
+    """
+    with distributed(cfg.device) as dist:
+        run = setup.prepare(cfg, dist, resume=resume, resume_from=resume_from, overwrite=overwrite, export=export,
+                            tensorboard=tensorboard, given=given)
+        with determinism(run.cfg.deterministic):
+            return _loop(run.cfg, run, dist, quiet=quiet)  # run.cfg: with --resume, merged with the checkpoint's
+
+
+def _loop(cfg: TrainConfig, run: Run, dist: Dist, *, quiet: bool) -> dict[str, Any]:
+    # --- setup: device, model, data, optimizer, schedule ---
+    device = resolve_device(cfg.device, dist.local_rank)
+    step, schedule, model = setup.build(cfg, run, dist, device)
+    loaders = setup.loaders(cfg, run, dist, device)
+    bad = (BadInputs(run.splits.train_paths, cfg.strict), BadInputs(run.splits.val_paths, cfg.strict))
+    schedule, start, best_acc, best_epoch, history = state.restore(run.checkpoint, cfg, step, schedule, dist)
+    log = RunLog(run.out, history, cfg.epochs, tensorboard=run.tensorboard, quiet=quiet) if dist.is_main else None
+    stopped_early, done, began = False, start, time.perf_counter()
+
+    # --- the loop: train, validate, schedule, checkpoint, log ---
+    for epoch in range(start, cfg.epochs):
+        if cfg.patience and epoch - best_epoch >= cfg.patience:
+            stopped_early = True  # checked before the epoch, so a resumed run stops where this one would
+            break
+        t0 = time.perf_counter()
+        loaders.train.sampler.set_epoch(epoch)  # this epoch's order and augmentations, same on resume
+        seen = min(len(loaders.train.sampler), len(loaders.train) * cfg.batch_size)  # drop_last drops a few
+        with progress(total=seen, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", quiet=quiet) as bar:
+            train = dist.all_reduce(epochs.train_one_epoch(step, loaders.train, bad[0], bar))
+        with progress(total=len(loaders.val.dataset), desc="validate", unit="img", quiet=quiet) as bar:
+            val = dist.all_reduce(epochs.validate(model, loaders.val, step, bad[1], bar))
+        row = {"epoch": epoch + 1, "train_loss": train[0] / max(train[2], 1), "train_acc": train[1] / max(train[2], 1),
+               "val_loss": val[0] / max(val[2], 1), "val_acc": val[1] / max(val[2], 1),
+               "lr": step.optimizer.param_groups[0]["lr"], "seconds": 0.0}
+        schedule.step(row["val_acc"])
+        improved = row["val_acc"] > best_acc
+        if improved:
+            best_acc, best_epoch = row["val_acc"], epoch + 1
+        note_skipped(bad, dist, quiet)
+        rng = dist.all_gather(rng_state())  # a collective: every rank takes part
+        history.append(row)
+        done = epoch + 1
+        if dist.is_main:
+            row["seconds"] = time.perf_counter() - t0  # so far; the log adds the checkpoint and plot time
+            state.save(run, step, schedule, model, epoch=done, best=(best_acc, best_epoch), history=history,
+                          rng=rng, improved=improved)
+            log.epoch(row, started=t0)
+        dist.barrier()  # nobody starts the next epoch (or exits) before the checkpoint is on disk
+
+    # --- finish: export the best weights, summarise ---
+    if log is not None:
+        log.close()
+    del loaders  # shut the loader workers down now, not whenever a garbage collection finds them
+    return finish(run, dist, bad, best=(best_acc, best_epoch), stopped_early=stopped_early,
+                           epochs_done=done, seconds=time.perf_counter() - began)
+def note_skipped(bad: tuple[BadInputs, BadInputs], dist: Dist, quiet: bool) -> None:
+    """Merge every rank's unreadable images, and say so on stderr when new ones turn up."""
+    for part, name in zip(bad, ("training", "validation")):
+        before = len(part.errors)
+        for errors in dist.all_gather(part.errors):  # this rank's own among them
+            part.errors.update(errors)
+        if len(part.errors) > before and not quiet:
+            warn(f"skipped {len(part.errors)} unreadable {name} image(s), e.g. "
+                 f"{part.paths[next(iter(part.errors))]}: {next(iter(part.errors.values()))}")
+
+
+def finish(run: Run, dist: Dist, bad: tuple[BadInputs, BadInputs], *, best: tuple[float, int], stopped_early: bool,
+           epochs_done: int, seconds: float) -> dict[str, Any]:
+    """Export the best weights when asked; the run's summary."""
+    best_path = run.out / "best.pth"
+    if run.export is not None and dist.is_main:
+        ckpt = load_checkpoint(best_path)
+        save_safetensors(run.export, ckpt["model"], {"arch": run.arch, "classes": ckpt["classes"],
+                                                     "preprocess": ckpt["preprocess"]})
+    dist.barrier()
+    listed = [{"path": str(part.paths[i]), "split": split, "error": e}
+              for part, split in zip(bad, ("train", "val")) for i, e in sorted(part.errors.items())]
+    if listed:  # even with --quiet: the run's exit code 3 needs its reason
+        warn(f"{len(listed)} unreadable image(s) skipped ({len(bad[0].errors)} training, "
+             f"{len(bad[1].errors)} validation); the summary lists them")
+    return {"model": run.arch, "classes": len(run.splits.classes), "train_images": len(run.splits.train_paths),
+            "val_images": len(run.splits.val_paths), "epochs": epochs_done, "best_epoch": best[1],
+            "best_val_acc": best[0], "stopped_early": stopped_early, "skipped_images": len(listed),
+            "out": str(run.out), "best": str(best_path), "last": str(run.out / "last.pth"),
+            "metrics": str(run.out / "metrics.csv"), "curves": str(run.out / "curves.png"),
+            "export": str(run.export) if run.export else None, "seconds": round(seconds, 2), "skipped": listed}

@@ -1,0 +1,115 @@
+"""Training recipes as small pieces: parameter groups, a frozen backbone, the optimizer, the epoch schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchtool.core.train.config import TrainConfig
+
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def param_groups(model: nn.Module, head: str, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Optimizer groups: head vs backbone (``--lr`` / ``--backbone-lr``), decay vs no decay.
+
+    Biases and normalisation weights get weight_decay 0 unless ``--decay-all``; with
+    ``--freeze-backbone`` only the head's parameters are trainable, so only they appear.
+    """
+    head_ids = {id(p) for p in model.get_submodule(head).parameters()}
+    no_decay: set[int] = set()
+    if not cfg.decay_all:
+        for module in model.modules():
+            if isinstance(module, NORM_LAYERS):
+                no_decay.update(id(p) for p in module.parameters(recurse=False))
+        no_decay.update(id(p) for name, p in model.named_parameters() if name.endswith("bias"))
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part, decay = ("head" if id(p) in head_ids else "backbone"), id(p) not in no_decay
+        group = groups.setdefault((part, decay), {
+            "name": part + ("" if decay else " (no decay)"), "params": [],
+            "lr": cfg.lr if part == "head" else cfg.backbone_lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(p)
+    order = [("head", True), ("head", False), ("backbone", True), ("backbone", False)]
+    return [groups[k] for k in order if k in groups]
+
+
+def freeze_backbone(model: nn.Module, head: str) -> list[nn.Module]:
+    """Stop gradients to everything but the head; returns the backbone's norm layers to keep in eval mode.
+
+    Frozen BatchNorm layers must not keep updating their running statistics, or the
+    "frozen" features would drift under the head being trained.
+    """
+    head_module = model.get_submodule(head)
+    head_ids = {id(p) for p in head_module.parameters()}
+    for p in model.parameters():
+        if id(p) not in head_ids:
+            p.requires_grad_(False)
+    in_head = set(head_module.modules())
+    return [m for m in model.modules() if isinstance(m, NORM_LAYERS) and m not in in_head]
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9, or AdamW; learning rates and weight decay come per group."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+class EpochSchedule:
+    """torch's schedulers, stepped once per epoch: linear warm-up, then cosine/step/multistep/plateau.
+
+    ``--milestones`` count epochs from the start of the run (warm-up included); plateau
+    multiplies by ``--gamma`` when validation accuracy stalls for ``plateau_patience`` epochs.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+        from torch.optim import lr_scheduler as sched
+
+        # A warm-up as long as the run (a smoke test of a recipe) warms up over the whole run.
+        w = min(cfg.warmup_epochs, cfg.epochs)
+        main_epochs = max(1, cfg.epochs - w)
+        # Start at lr/(w+1), not 0, so the first epoch is not wasted; reach lr after w epochs.
+        warmup = sched.LinearLR(optimizer, start_factor=1 / (w + 1), total_iters=w) if w else None
+        main: Any = None
+        if cfg.schedule == "cosine":
+            main = sched.CosineAnnealingLR(optimizer, T_max=main_epochs)
+        elif cfg.schedule == "step":
+            main = sched.StepLR(optimizer, step_size=cfg.milestones[0] if cfg.milestones else max(1, main_epochs // 3),
+                                gamma=cfg.gamma)
+        elif cfg.schedule == "multistep":
+            main = sched.MultiStepLR(optimizer, [m - w for m in cfg.milestones if m > w], gamma=cfg.gamma)
+        elif cfg.schedule == "plateau":
+            main = sched.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.gamma, patience=cfg.plateau_patience)
+        self.plateau, self.warmup_epochs, self.epochs_done = cfg.schedule == "plateau", w, 0
+        if self.plateau:  # SequentialLR cannot hold ReduceLROnPlateau: step the two by hand
+            self.parts = {"warmup": warmup, "main": main}
+        elif warmup is not None and main is not None:
+            self.parts = {"sequence": sched.SequentialLR(optimizer, [warmup, main], milestones=[w])}
+        else:
+            self.parts = {"sequence": warmup or main}
+
+    def step(self, val_acc: float) -> None:
+        """Call after each epoch: sets the learning rate of the next one."""
+        self.epochs_done += 1
+        if self.plateau:
+            if self.epochs_done <= self.warmup_epochs:
+                self.parts["warmup"].step()
+            else:
+                self.parts["main"].step(val_acc)
+        elif self.parts["sequence"] is not None:
+            self.parts["sequence"].step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs_done": self.epochs_done,
+                **{k: v.state_dict() if v is not None else None for k, v in self.parts.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs_done = state["epochs_done"]
+        for key, part in self.parts.items():
+            if part is not None and state.get(key) is not None:
+                part.load_state_dict(state[key])
