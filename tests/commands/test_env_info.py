@@ -172,10 +172,40 @@ def test_min_gpus_fails_without_a_gpu(info):
     assert result.stderr.splitlines()[0] == "torchtool: error: 1 GPU(s) required, 0 visible"
 
 
-def test_requirements_that_are_met_exit_0(info):
-    result = invoke("--json", "--min-gpus", str(info["cuda"]["device_count"]))
-    assert result.exit_code == 0
-    assert result.stderr == ""
+def _machine(monkeypatch, cuda: bool, gpus: int) -> None:
+    """env-info's real report, with the CUDA section of a machine that has (or lacks) ``gpus`` GPUs."""
+    real = env.collect
+
+    def collect() -> dict:
+        info = real()
+        info["cuda"].update(available=cuda, device_count=gpus, cudnn_version=90100 if cuda else None)
+        if not cuda:
+            info["cuda"]["reason"] = "no NVIDIA driver"
+        return info
+
+    monkeypatch.setattr(env, "collect", collect)
+
+
+@pytest.mark.parametrize("spelling", ["cuda", "CUDA", "Cuda"])
+def test_requirements_are_case_insensitive(monkeypatch, spelling):
+    _machine(monkeypatch, cuda=False, gpus=0)
+    missing = invoke("--json", "--require", spelling)
+    assert missing.exit_code == 1, missing.output
+    assert missing.stderr.startswith("torchtool: error: CUDA is not available: no NVIDIA driver")
+    _machine(monkeypatch, cuda=True, gpus=1)
+    met = invoke("--json", "--require", spelling, "--require", spelling.replace("cuda", "cudnn").replace(
+        "CUDA", "CUDNN").replace("Cuda", "Cudnn"))
+    assert met.exit_code == 0, met.output
+
+
+def test_requirements_that_are_met_exit_0(monkeypatch):
+    _machine(monkeypatch, cuda=True, gpus=2)
+    met = invoke("--json", "--require", "cuda", "--require", "cudnn", "--min-gpus", "2")
+    assert met.exit_code == 0 and met.stderr == ""
+    assert json.loads(met.stdout)["cuda"]["device_count"] == 2  # the report is the one checked
+    short = invoke("--json", "--require", "cuda", "--min-gpus", "3")
+    assert short.exit_code == 1
+    assert short.stderr.splitlines()[0] == "torchtool: error: 3 GPU(s) required, 2 visible"
 
 
 def test_unknown_requirement_is_a_usage_error():

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from torchtool.cli import app
-from torchtool.core import data
+from torchtool.core.data import images, loading
 from torchtool.core.output import EXIT_FAILURE, EXIT_PARTIAL, EXIT_USAGE
 
 torch = pytest.importorskip("torch")
@@ -108,7 +108,7 @@ def test_every_layer_equals_create_feature_extractor(request, tmp_path, photo_fi
     # the reference: the same file loaded by hand, torchvision's own preprocessing and extractor
     model = _reference_model(arch, weights, classes)
     transform = torchvision.models.get_model_weights(arch).DEFAULT.transforms(crop_size=64, resize_size=72)
-    batch = torch.stack([transform(data.load_image(p)) for p in photo_files])
+    batch = torch.stack([transform(images.load_image(p)) for p in photo_files])
     reference = create_feature_extractor(without_inplace(model), {nodes.get(n, n): n for n in layers})
     with torch.no_grad():
         expected = reference(batch)
@@ -224,8 +224,8 @@ def test_list_layers_table_needs_no_download(tmp_path, monkeypatch):
 
 def test_unknown_layer_fails_before_any_image_is_read(tmp_path, photos_dir, resnet18_weights_pth, monkeypatch):
     opened: list[str] = []
-    real_load = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda path, *a, **k: opened.append(str(path)) or real_load(path, *a, **k))
+    real_load = images.load_image
+    monkeypatch.setattr(loading, "load_image", lambda path, *a, **k: opened.append(str(path)) or real_load(path, *a, **k))
     out = tmp_path / "feats"
     result = invoke(photos_dir, "-o", out, "-l", "gap,layr3", *small(resnet18_weights_pth))
     assert result.exit_code == EXIT_USAGE
@@ -374,11 +374,23 @@ def test_strict_fails_on_the_first_bad_file(tmp_path, bad_inputs, resnet18_weigh
 
 
 def test_offline_default_weights_name_the_expected_file(tmp_path, photo_files, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
     home = tmp_path / "empty_torch_home"
     home.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(home))
+    asked: list[str] = []
+
+    def offline(url, *args, **kwargs):  # the download itself fails, network or not
+        asked.append(url)
+        raise urllib.error.URLError("network is unreachable (test)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     out = tmp_path / "feats"
     result = invoke(photo_files[0], "-m", "resnet18", "-o", out, "--workers", "0")
+    assert asked == [torchvision.models.ResNet18_Weights.DEFAULT.url]
     assert result.exit_code == EXIT_FAILURE
     expected = home / "hub" / "checkpoints" / os.path.basename(torchvision.models.ResNet18_Weights.DEFAULT.url)
     assert "torchtool: error: cannot download ResNet18_Weights.IMAGENET1K_V1" in result.stderr
@@ -546,11 +558,61 @@ def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torcht
         np.testing.assert_allclose(load(out, name), load(reference, name), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture
+def unfinished(tmp_path, photo_files, resnet18_weights_pth) -> tuple[list[str], list[Path], Path]:
+    """An extraction of 8 rows that --strict stopped at row 4 (a truncated file): rows 0-3 are on disk.
+
+    Returns the arguments that resume it (without --strict), the rows' paths and the output folder.
+    """
+    truncated = make_bad_files(tmp_path / "bad", photo_files[0])["truncated"]
+    paths = [*photo_files[:4], truncated, *photo_files[4:7]]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    out = tmp_path / "feats"
+    args = ["--list", str(listing), "-o", str(out), "-l", "layer3,gap", *small(resnet18_weights_pth, "-b", "2")]
+    stopped = invoke(*args, "--strict")
+    assert stopped.exit_code == EXIT_FAILURE and "cannot read" in stopped.stderr
+    status = np.load(out / ".state" / "status.npy")
+    assert status.tolist() == [1, 1, 1, 1, 0, 0, 0, 0] and meta(out)["complete"] is False
+    return args, paths, out
+
+
+def test_resume_reads_only_the_missing_rows(unfinished, monkeypatch):
+    args, paths, out = unfinished
+    opened: list[str] = []
+    real_load = images.load_image
+    monkeypatch.setattr(loading, "load_image", lambda path, *a, **k: opened.append(str(path)) or real_load(path, *a, **k))
+    resumed = invoke(*args)  # --workers 0: every load happens in this process
+    assert resumed.exit_code == EXIT_PARTIAL, resumed.stderr  # row 4 is still truncated
+    assert opened == [str(p) for p in paths[4:]]
+    assert "resuming" in resumed.stderr and "4 of 8 rows already done" in resumed.stderr
+    info = meta(out)
+    assert info["complete"] is True and info["counts"] == {"ok": 7, "skipped": 1, "pending": 0}
+    assert info["config"]["layers"] == ["layer3,gap"] and info["config"]["batch_size"] == 2  # the whole config
+
+
+@pytest.mark.parametrize("change", [
+    ["--normalize"], ["--pool", "avg"], ["--image-size", "56"], ["--resize", "80"], ["--dtype", "float16"], "weights",
+], ids=["normalize", "pool", "image-size", "resize", "dtype", "weights"])
+def test_resuming_with_other_settings_is_refused(unfinished, resnet18_weights_pth, tmp_path, change):
+    args, _, out = unfinished
+    if change == "weights":  # the same weights under another name still make another run
+        copy = tmp_path / "copy.pth"
+        shutil.copy(resnet18_weights_pth, copy)
+        change = ["-w", str(copy)]
+    before = np.load(out / ".state" / "status.npy")
+    refused = invoke(*args, *change)
+    assert refused.exit_code == EXIT_USAGE, refused.stderr
+    assert "unfinished extraction with different settings" in refused.stderr
+    assert (np.load(out / ".state" / "status.npy") == before).all() and meta(out)["complete"] is False
+
+
 def test_torchrun_two_processes_equal_one(tmp_path, photos_dir, run_python):
     args = [str(photos_dir), "-l", "layer3,gap:bilinear", *small("none", "-b", "2"), "--device", "cpu"]
     out = tmp_path / "two"
     proc = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "torchtool",
-                      "extract-features", *args, "-o", str(out), "--json", env={"OMP_NUM_THREADS": "1"}, timeout=300)
+                      "extract-features", *args, "-o", str(out), "--json",
+                      env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, timeout=300)  # torchrun's files there
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # rank 0 alone prints the summary
     assert (summary["rows"], summary["ok"], summary["skipped"]) == (8, 8, 0)

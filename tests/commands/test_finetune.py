@@ -18,12 +18,13 @@ from typer.testing import CliRunner
 
 from tests.finetune_data import add_broken_images, write_digits
 from torchtool.cli import app
-from torchtool.core.checkpoint import load_checkpoint, read_weights_file
+from torchtool.core.models.checkpoint import load_checkpoint, read_weights_file
 from torchtool.core.models import build_model
 
 runner = CliRunner()
+# On the CPU everywhere: the figures these tests compare are CPU ones (a GPU's TF32 would differ).
 SMALL = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "16",
-         "--workers", "0", "--augment", "none", "--epochs", "1", "--quiet"]
+         "--workers", "0", "--augment", "none", "--device", "cpu", "--epochs", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,8 @@ def test_val_split_is_stratified_and_stored_for_evaluate(digits_flat, tmp_path):
     assert sorted({Path(f).parent.name for f in ckpt["val_files"]}) == ["0", "1", "2"]
     assert [sum(Path(f).parent.name == d for f in ckpt["val_files"]) for d in "012"] == [5, 5, 5]
     # Resuming needs neither --val-split nor the seed again: the same images stay held out.
-    more = invoke(digits_flat, "--out", tmp_path / "run", "--resume", "--epochs", "2", "--workers", "0", "--quiet")
+    more = invoke(digits_flat, "--out", tmp_path / "run", "--resume", "--epochs", "2", "--workers", "0", "--device",
+                  "cpu", "--quiet")
     assert more.exit_code == 0, more.output
     assert load_checkpoint(tmp_path / "run" / "last.pth")["val_files"] == ckpt["val_files"]
 
@@ -86,12 +88,11 @@ def test_val_split_is_stratified_and_stored_for_evaluate(digits_flat, tmp_path):
     (lambda d, o: None, ["--export-weights", "w.pth"], "must end in .safetensors"),
     (lambda d, o: None, ["--resume", "--overwrite"], "contradict"),
     (lambda d, o: None, ["--schedule", "multistep"], "needs --milestones"),
-    (lambda d, o: None, ["--warmup-epochs", "1"], "leaves no epoch"),
     (lambda d, o: None, ["--model", "resnet19"], "unknown model"),
     (lambda d, o: (d / "train" / "7").mkdir(), [], "without images"),
     (lambda d, o: shutil.copytree(d / "val" / "0", d / "val" / "8"), [], "unknown to training: 8"),
     (lambda d, o: shutil.rmtree(d / "val"), [], "no validation images"),
-], ids=["out-exists", "resume-missing", "export-suffix", "resume-and-overwrite", "milestones", "warmup",
+], ids=["out-exists", "resume-missing", "export-suffix", "resume-and-overwrite", "milestones",
         "model", "empty-class", "unknown-val-class", "no-val"])
 def test_bad_inputs_fail_before_training(digits4, tmp_path, setup, args, message):
     data, out = tmp_path / "data", tmp_path / "run"
@@ -129,7 +130,7 @@ def test_resume_keeps_the_runs_settings_and_takes_only_the_options_given(digits4
                    "--label-smoothing", "0.1")
     assert first.exit_code == 0, first.output
     # The short form: no recipe flags, a longer run.
-    more = invoke(digits4, "--out", out, "--resume", "--epochs", "3", "--workers", "0", "--quiet")
+    more = invoke(digits4, "--out", out, "--resume", "--epochs", "3", "--workers", "0", "--device", "cpu", "--quiet")
     assert more.exit_code == 0, more.output
     ckpt = load_checkpoint(out / "last.pth")
     assert ckpt["epoch"] == 3 and len((out / "metrics.csv").read_text().splitlines()) == 4
@@ -144,18 +145,54 @@ def test_resume_keeps_the_runs_settings_and_takes_only_the_options_given(digits4
     assert clash.exit_code == 2 and "cannot resume with a different --optimizer" in clash.stderr
 
 
+def test_resume_with_an_option_equal_to_its_default_takes_it(digits4, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(digits4, "--out", out, *SMALL, "--epochs", "2").exit_code == 0
+    # --epochs 10 is the default: it still counts as given, so the run is extended to 10 epochs.
+    more = invoke(digits4, "--out", out, "--resume", "--epochs", "10", "--workers", "0", "--device", "cpu", "--quiet",
+                  "--json")
+    assert more.exit_code == 0, more.output
+    assert json.loads(more.stdout)["epochs"] == 10 and load_checkpoint(out / "last.pth")["epoch"] == 10
+    assert "epochs 2 -> 10" in more.stderr
+    # Options left out keep the run's values, whatever their defaults: --image-size stays 32.
+    assert load_checkpoint(out / "last.pth")["config"]["image_size"] == 32
+
+
+def test_warmup_as_long_as_the_run_warms_up_the_whole_run(digits4, tmp_path):
+    result = invoke(digits4, "--out", tmp_path / "run", *SMALL, "--epochs", "2", "--warmup-epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "--warmup-epochs 2 covers the whole run" in result.stderr
+    lrs = [float(line.split(",")[5]) for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([0.01 / 3, 0.02 / 3])  # LinearLR from lr/(N+1), never reaching the cosine
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "table"])
+def test_summary_honours_format(digits4, tmp_path, fmt):
+    result = invoke(digits4, "--out", tmp_path / "run", *SMALL, "--format", fmt)
+    assert result.exit_code == 0, result.output
+    if fmt == "csv":
+        header, row = result.stdout.splitlines()
+        record = dict(zip(header.split(","), row.split(",")))
+        assert record["epochs"] == "1" and record["classes"] == "4" and record["model"] == "mobilenet_v3_small"
+    elif fmt == "jsonl":
+        (line,) = result.stdout.splitlines()
+        assert json.loads(line)["epochs"] == 1 and json.loads(line)["skipped"] == []
+    else:
+        assert result.stdout.splitlines()[0].split() == ["model", "mobilenet_v3_small"]
+
+
 def test_command_defaults_are_the_configs_defaults():
     import dataclasses
     import inspect
 
     from torchtool.commands.finetune import run
-    from torchtool.core.train import RESUMABLE, TrainConfig
+    from torchtool.core.train.config import RESUMABLE, TrainConfig
 
     options = {name: p.default for name, p in inspect.signature(run).parameters.items()}
     for f in dataclasses.fields(TrainConfig):
         if f.name in RESUMABLE or f.name == "milestones":
             continue
-        assert options[f.name] == f.default, f.name  # --resume tells given options by their defaults
+        assert options[f.name] == f.default, f.name  # one default for the command and for Python callers
     assert options["milestones"] == "" and TrainConfig(data=".", out=".").milestones == []
 
 
@@ -198,12 +235,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(torchtool_exe, digits
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = load_checkpoint(out / "last.pth")["epoch"] if (out / "last.pth").exists() else 0
+    assert proc.returncode == -signal.SIGKILL  # killed by the signal, not finished on its own
+    killed_at = load_checkpoint(out / "last.pth")["epoch"]
+    assert 1 <= killed_at < 3  # before the last epoch: the resume has epochs left to get right
 
     resumed = runner.invoke(app, ["finetune", *args, "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     a, b = load_checkpoint(tmp_path / "straight" / "last.pth"), load_checkpoint(out / "last.pth")
-    assert killed_at >= 1 and b["epoch"] == 3
+    assert b["epoch"] == 3
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
     assert not list(out.glob(".*.tmp"))
@@ -215,8 +254,9 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(run_python,
               "--workers", "0", "--augment", "light", "--epochs", "2", "--freeze-backbone", "--lr", "0.05",
               "--device", "cpu", "--json"]
     env = {"OMP_NUM_THREADS": "1"}
-    ddp = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torchtool", "finetune", *common,
-                     "--batch-size", "8", "--out", str(tmp_path / "ddp"), env=env, timeout=300)
+    ddp = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "torchtool",
+                     "finetune", *common, "--batch-size", "8", "--out", str(tmp_path / "ddp"),
+                     env={**env, "TMPDIR": str(tmp_path)}, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = run_python("-m", "torchtool", "finetune", *common, "--batch-size", "16", "--out", str(tmp_path / "one"),
                      env=env, timeout=300)
@@ -234,9 +274,9 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(run_python,
 
 
 def test_sync_bn_on_cpu_under_torchrun_is_refused(run_python, digits4, tmp_path):
-    proc = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "torchtool", "finetune",
-                      str(digits4), "--out", str(tmp_path / "run"), *SMALL, "--sync-bn", "--device", "cpu",
-                      env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    proc = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "torchtool",
+                      "finetune", str(digits4), "--out", str(tmp_path / "run"), *SMALL, "--sync-bn",
+                      env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, timeout=300)
     assert proc.returncode != 0
     assert "--sync-bn needs CUDA" in proc.stderr and not (tmp_path / "run" / "last.pth").exists()
 
