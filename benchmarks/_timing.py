@@ -34,26 +34,42 @@ def _run_once(argv: list[str]) -> float:
     return elapsed
 
 
-def compare(ours: list[str], baseline: list[str], runs: int) -> tuple[list[float], list[float]]:
-    """Wall-clock seconds of ``runs`` runs each, interleaved so drift hits both alike (after one warm-up each)."""
-    _run_once(ours)
-    _run_once(baseline)
-    a: list[float] = []
-    b: list[float] = []
+def compare(ours: list[str], *baselines: list[str], runs: int) -> tuple[list[float], ...]:
+    """Wall-clock seconds of ``runs`` runs of each command, interleaved so drift hits all alike.
+
+    One warm-up run each first; returns one list per command, ``ours`` first.
+    """
+    commands = [ours, *baselines]
+    for argv in commands:
+        _run_once(argv)
+    times: list[list[float]] = [[] for _ in commands]
     for _ in range(runs):
-        a.append(_run_once(ours))
-        b.append(_run_once(baseline))
-    return a, b
+        for argv, out in zip(commands, times):
+            out.append(_run_once(argv))
+    return tuple(times)
 
 
 def report(title: str, ours_label: str, ours: list[float], base_label: str, base: list[float], goal: float) -> None:
-    mo, mb = statistics.median(ours), statistics.median(base)
-    ratio = mb / mo
-    width = max(len(ours_label), len(base_label))
+    """One baseline: the medians and their ratio against ``goal``."""
+    report_many(title, ours_label, ours, [(base_label, base, "")], goal)
+
+
+def report_many(title: str, ours_label: str, ours: list[float], baselines: list[tuple[str, list[float], str]],
+                goal: float, judged_on: int = 0) -> None:
+    """Medians of ``ours`` and of each (label, times, what the ratio includes); one ratio per baseline.
+
+    The goal is judged on ``baselines[judged_on]`` alone; the other ratios are printed beside it.
+    """
+    mo = statistics.median(ours)
+    rows = [(ours_label, ours)] + [(label, times) for label, times, _ in baselines]
+    width = max(len(label) for label, _ in rows)
     print(title)
     print(f"  machine: {machine()}")
-    for label, times, med in ((ours_label, ours, mo), (base_label, base, mb)):
-        print(f"  {label.ljust(width)}  median {med * 1000:7.0f} ms  (min {min(times) * 1000:.0f}, "
+    for label, times in rows:
+        print(f"  {label.ljust(width)}  median {statistics.median(times) * 1000:7.0f} ms  (min {min(times) * 1000:.0f}, "
               f"max {max(times) * 1000:.0f}, {len(times)} runs)")
-    verdict = "met" if ratio >= goal else "NOT met"
-    print(f"  ratio: {ratio:.1f}x faster (goal: >= {goal:g}x, {verdict})")
+    for i, (label, times, note) in enumerate(baselines):
+        ratio = statistics.median(times) / mo
+        about = f" against {label}" if len(baselines) > 1 else ""
+        verdict = f"goal: >= {goal:g}x, {'met' if ratio >= goal else 'NOT met'}" if i == judged_on else "not judged"
+        print(f"  ratio{about}: {ratio:.1f}x faster ({verdict}){'; ' + note if note else ''}")
