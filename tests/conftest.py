@@ -131,3 +131,28 @@ def squeezenet_weights_pth(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "squeezenet1_0_random.pt"
     torch.save(_random_state_dict("squeezenet1_0", 2), path)
     return path
+
+
+# --- a small filesystem of our own: full disks and read-only folders, for real ------------------
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """``mount_tmpfs(size="1m", ro=False)``: a fresh tmpfs under tmp_path (root only; skipped elsewhere)."""
+    mounted: list[Path] = []
+
+    def mount(size: str = "1m", ro: bool = False) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, check=False)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

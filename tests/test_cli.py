@@ -237,9 +237,12 @@ def _guarded_app(exc: BaseException) -> typer.Typer:
         (output.UsageError("no such layer 'fc9'", hint="see --list-layers"), 2,
          ["torchtool: error: no such layer 'fc9'", "  hint: see --list-layers"]),
         (output.Failure("CUDA is not available"), 1, ["torchtool: error: CUDA is not available"]),
-        (KeyboardInterrupt(), 130, ["torchtool: error: interrupted"]),
+        (KeyboardInterrupt(), 130, ["torchtool: error: interrupted", "  hint: rerun the same command to resume"]),
+        (OSError(28, "No space left on device", "/data/feats/gap.npy"), 1,
+         ["torchtool: error: no space left on device while writing /data/feats/gap.npy",
+          "  hint: free some space (or choose another --out), then rerun the same command"]),
     ],
-    ids=["usage", "failure", "interrupt"],
+    ids=["usage", "failure", "interrupt", "full-disk"],
 )
 def test_error_table(monkeypatch, exc, code, lines):
     monkeypatch.delenv("TORCHTOOL_DEBUG", raising=False)

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from torchtool import __version__
+from torchtool.core.files import write_error
 from torchtool.core.output import EXIT_FAILURE, EXIT_USAGE, TorchtoolError, debug_enabled, error_line
 
 # command name -> module in torchtool.commands; each module has a ``run`` function.
@@ -61,12 +62,17 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(error_line(exc.message, exc.hint), err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo(error_line("interrupted"), err=True)
+            typer.echo(error_line("interrupted", "rerun the same command to resume"), err=True)
             raise typer.Exit(130) from None
         except Exception as exc:  # an unexpected failure: still one line unless debugging
             if debug_enabled():
                 raise
-            typer.echo(error_line(f"{type(exc).__name__}: {exc}", "rerun with --debug for the traceback"), err=True)
+            # a full disk or a read-only folder met outside the shared writers is still the user's to fix
+            known = write_error(exc, exc.filename or "a file") if isinstance(exc, OSError) else None
+            if known is not None:
+                typer.echo(error_line(known.message, known.hint), err=True)
+            else:
+                typer.echo(error_line(f"{type(exc).__name__}: {exc}", "rerun with --debug for the traceback"), err=True)
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper

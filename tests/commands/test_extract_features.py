@@ -239,8 +239,9 @@ def test_unknown_layer_fails_before_any_image_is_read(tmp_path, photos_dir, resn
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--pool", "median"], "unknown pooling 'median'"), (["-l", "gap:median"], "unknown pooling 'median'"),
-     (["-l", "gap", "-l", "gap"], None), (["-l", "layer3,layer3:avg"], "a layer is requested twice")],
-    ids=["pool", "layer-pool", "duplicate-merged", "duplicate-pools"],
+     (["-l", "gap", "-l", "gap"], None), (["-l", "gap,gap:avg"], None),
+     (["-l", "layer3,layer3:avg"], "a layer is requested twice")],
+    ids=["pool", "layer-pool", "duplicate-merged", "duplicate-same-pool", "duplicate-pools"],
 )
 def test_layer_and_pool_mistakes(tmp_path, photo_files, resnet18_weights_pth, args, message):
     out = tmp_path / "feats"
@@ -288,6 +289,24 @@ def test_folders_are_walked_recursively_with_any_case_extension(tmp_path, photo_
     assert [r["path"] for r in index(out)] == [str(root / "B.JPG"), str(root / "a.Png"),
                                                str(root / "deeper" / "deepest" / "c.jpeg")]
     np.testing.assert_allclose(load(out, "gap"), load(baseline, "gap")[[1, 2, 0]], rtol=1e-4, atol=1e-5)
+
+
+def test_file_names_that_are_not_utf8_are_kept_byte_for_byte(tmp_path, photo_files, resnet18_weights_pth):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    raw = os.path.join(os.fsencode(root), b"caf\xe9.jpg")  # Latin-1, as old cameras and shares name files
+    shutil.copy(photo_files[0], raw)
+    shutil.copy(photo_files[1], root / "plain.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(raw + b"\n" + os.fsencode(root / "plain.jpg") + b"\n")
+    for inputs in ([root], ["--list", listing]):
+        out = tmp_path / f"feats{len(inputs)}"
+        result = invoke(*inputs, "-o", out, "-l", "gap", *small(resnet18_weights_pth), "--json")
+        assert result.exit_code == 0, result.stderr
+        index_bytes = (out / "index.csv").read_bytes()
+        assert raw + b",ok," in index_bytes  # the name's own bytes
+        info = json.loads((out / "meta.json").read_text(encoding="utf-8"))  # still valid UTF-8 JSON
+        assert info["complete"] is True and np.isfinite(load(out, "gap")).all()
 
 
 def test_image_modes_all_give_finite_features(tmp_path, photo_files, resnet18_weights_pth):
@@ -360,6 +379,16 @@ def test_bad_files_are_skipped_recorded_and_exit_3(tmp_path, bad_inputs, resnet1
     assert meta(out)["complete"] is True
 
 
+def test_no_readable_input_at_all_is_a_failure(tmp_path, bad_inputs, resnet18_weights_pth):
+    listing, paths, reasons = bad_inputs
+    only_bad = tmp_path / "bad.txt"
+    only_bad.write_text("".join(f"{p}\n" for p in paths if str(p) in reasons))
+    result = invoke("--list", only_bad, "-o", tmp_path / "feats", "-l", "gap", *small(resnet18_weights_pth))
+    assert result.exit_code == EXIT_FAILURE, result.stderr
+    assert "torchtool: error: none of the 5 inputs could be read" in result.stderr
+    assert len(index(tmp_path / "feats")) == 5  # the index still says why, row by row
+
+
 def test_strict_fails_on_the_first_bad_file(tmp_path, bad_inputs, resnet18_weights_pth):
     listing, paths, _ = bad_inputs
     result = invoke("--list", listing, "-o", tmp_path / "feats", "-l", "gap", "--strict",
@@ -385,6 +414,7 @@ def test_offline_default_weights_name_the_expected_file(tmp_path, photo_files, m
 
     def offline(url, *args, **kwargs):  # the download itself fails, network or not
         asked.append(url)
+        print(f"Downloading: {url!r}")  # as torch.hub does, on stdout
         raise urllib.error.URLError("network is unreachable (test)")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
@@ -392,12 +422,33 @@ def test_offline_default_weights_name_the_expected_file(tmp_path, photo_files, m
     result = invoke(photo_files[0], "-m", "resnet18", "-o", out, "--workers", "0")
     assert asked == [torchvision.models.ResNet18_Weights.DEFAULT.url]
     assert result.exit_code == EXIT_FAILURE
+    assert result.stdout == "" and "Downloading:" in result.stderr  # stdout stays data only
     expected = home / "hub" / "checkpoints" / os.path.basename(torchvision.models.ResNet18_Weights.DEFAULT.url)
     assert "torchtool: error: cannot download ResNet18_Weights.IMAGENET1K_V1" in result.stderr
     assert str(expected) in result.stderr
     assert "--weights none" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_a_checkpoint_names_the_model(tmp_path, photo_files, mobilenet_weights_safetensors):
+    from safetensors.torch import load_file
+
+    from torchtool.core.models.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "best.pth", {
+        "arch": "mobilenet_v3_small", "classes": [f"c{i}" for i in range(1000)], "model": load_file(
+            mobilenet_weights_safetensors), "preprocess": {"crop_size": 64, "resize_size": 72,
+                                                           "mean": [0.5] * 3, "std": [0.25] * 3}})
+    out = tmp_path / "feats"
+    result = invoke(*photo_files[:2], "-w", ckpt, "-o", out, "--workers", "0", "--json")  # no --model
+    assert result.exit_code == 0, result.stderr
+    assert meta(out)["model"] == "mobilenet_v3_small" and meta(out)["preprocess"]["crop_size"] == 64
+    clash = invoke(*photo_files[:2], "-m", "resnet18", "-w", ckpt, "-o", tmp_path / "clash", "--workers", "0")
+    assert clash.exit_code == EXIT_USAGE
+    assert "holds a mobilenet_v3_small model, not resnet18" in clash.stderr
+    listed = invoke("--list-layers", "-w", ckpt, "--format", "json")
+    assert listed.exit_code == 0 and any(r["name"] == "gap" and r["shape"] == [576] for r in json.loads(listed.stdout))
 
 
 class TrainingArgs:
@@ -428,11 +479,28 @@ def test_weights_needing_code_to_unpickle_are_refused(tmp_path, photo_files, res
     out = tmp_path / "feats"
     result = invoke(photo_files[0], "-o", out, "-l", "gap", *small(weights))
     assert result.exit_code == EXIT_FAILURE
-    assert f"refusing to load {weights}" in result.stderr
-    assert "weights_only" in result.stderr
+    assert f"refusing to load {weights}: it needs code to unpickle (Unsupported global: GLOBAL " in result.stderr
+    assert "weights_only=True" in result.stderr and "weights_only=False" not in result.stderr  # no advice to run it
     assert "Traceback" not in result.stderr
     assert not marker.exists(), "the file's code was executed"
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p, w: p.write_bytes(b"") and None, "is empty (0 bytes)"),
+    (lambda p, w: p.mkdir() or None, "is a folder"),
+    (lambda p, w: torch.save({k: v for k, v in torch.load(w, weights_only=True).items() if "layer4" not in k}
+                             | {"extra.weight": torch.zeros(1)}, p), "does not fit resnet18: 30 missing keys, "
+                                                                       "1 unexpected keys"),
+], ids=["empty", "folder", "other-architecture"])
+def test_weights_files_that_cannot_serve_say_why_in_one_line(tmp_path, photo_files, resnet18_weights_pth, make,
+                                                             message):
+    weights = tmp_path / "w.pth"
+    make(weights, resnet18_weights_pth)
+    result = invoke(photo_files[0], "-o", tmp_path / "feats", *small(weights))
+    assert result.exit_code in (EXIT_FAILURE, EXIT_USAGE), result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("torchtool: error: ") and message in first and len(first) < 200, first
 
 
 # --- end to end, in other processes ---------------------------------------------------------------
@@ -491,6 +559,63 @@ def _wait_for_rows(out: Path, rows: int, proc: subprocess.Popen, timeout: float 
                 return status
         time.sleep(0.1)
     raise AssertionError(f"no {rows} rows written within {timeout}s")
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (read from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_loader_workers_die_with_a_killed_parent(tmp_path, photo_files, resnet18_weights_pth, torchtool_exe):
+    stalled = tmp_path / "stalled.jpg"
+    os.mkfifo(stalled)  # reading it blocks: the run is mid-way, its workers alive, when the kill comes
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in [*photo_files, stalled, *photo_files]))
+    proc = subprocess.Popen([str(torchtool_exe), "extract-features", "--list", str(listing), "-o", str(tmp_path / "f"),
+                             "-m", "resnet18", "-w", str(resnet18_weights_pth), *SIZE, "--workers", "2", "-b", "2",
+                             "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["--list", listing, "-o", tmp_path / "f", *small(resnet18_weights_pth, "-b", "2")]
+    try:
+        _wait_for_rows(tmp_path / "f", 2, proc)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        second = invoke(*args)  # a second run on the folder a live run holds
+        assert second.exit_code == EXIT_FAILURE
+        assert f"{tmp_path / 'f'} is in use by another torchtool run (pid {proc.pid})" in second.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == [], "loader workers outlived their SIGKILLed parent"
+    stalled.unlink()
+    shutil.copy(photo_files[0], stalled)
+    rerun = invoke(*args)  # the dead run holds nothing: it resumes
+    assert rerun.exit_code == 0, rerun.stderr
+    assert "resuming" in rerun.stderr and not (tmp_path / "f" / ".torchtool.lock").exists()
+
+
+def test_workers_beyond_the_cpus_are_capped_with_one_note(tmp_path, photo_files, resnet18_weights_pth):
+    from torchtool.core.runtime import available_cpus
+
+    many = available_cpus() + 6
+    result = invoke(*photo_files[:4], "-o", tmp_path / "f", "-l", "gap", *small(resnet18_weights_pth)[:-2],
+                    "--workers", str(many))
+    assert result.exit_code == 0, result.stderr
+    note = f"--workers {many} is more than the {available_cpus()} CPU(s) available here: using {available_cpus()}"
+    assert result.stderr.count(note) == 1
+    assert "suggested max number of worker" not in result.stderr  # torch's own warning never shows
 
 
 def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torchtool_exe):
@@ -591,6 +716,14 @@ def test_resume_reads_only_the_missing_rows(unfinished, monkeypatch):
     assert info["config"]["layers"] == ["layer3,gap"] and info["config"]["batch_size"] == 2  # the whole config
 
 
+def test_quiet_silences_notes_not_warnings(unfinished):
+    args, _, _ = unfinished
+    resumed = invoke(*args, "--quiet")
+    assert resumed.exit_code == EXIT_PARTIAL
+    assert "resuming" not in resumed.stderr  # a note
+    assert "1 of 8 inputs could not be read" in resumed.stderr  # a warning: the exit code's reason
+
+
 @pytest.mark.parametrize("change", [
     ["--normalize"], ["--pool", "avg"], ["--image-size", "56"], ["--resize", "80"], ["--dtype", "float16"], "weights",
 ], ids=["normalize", "pool", "image-size", "resize", "dtype", "weights"])
@@ -605,6 +738,65 @@ def test_resuming_with_other_settings_is_refused(unfinished, resnet18_weights_pt
     assert refused.exit_code == EXIT_USAGE, refused.stderr
     assert "unfinished extraction with different settings" in refused.stderr
     assert (np.load(out / ".state" / "status.npy") == before).all() and meta(out)["complete"] is False
+
+
+# --- full disks and unwritable outputs -------------------------------------------------------------
+
+
+def test_a_full_disk_fails_before_the_run_and_the_rerun_works(tmp_path, photo_files, resnet18_weights_pth,
+                                                               mount_tmpfs):
+    disk = mount_tmpfs("1m")
+    filler = disk / "someone_elses.bin"
+    filler.write_bytes(b"x" * 600_000)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{photo_files[i % 8]}\n" for i in range(40)))  # layer3 at 64 px: 16 KB a row
+    args = ["--list", listing, "-l", "layer3", "-o", disk / "feats", *small(resnet18_weights_pth)]
+    full = invoke(*args)
+    assert full.exit_code == EXIT_FAILURE, full.stderr
+    assert full.stderr.startswith(f"torchtool: error: {disk / 'feats'} needs 655.4 KB for the features, ")
+    assert "KB free" in full.stderr and "Traceback" not in full.stderr
+    assert not (disk / "feats" / "layer3.npy").exists()
+    filler.unlink()  # space freed: the same command now runs
+    again = invoke(*args)
+    assert again.exit_code == 0, again.stderr
+    assert load(disk / "feats", "layer3").shape == (40, 256, 4, 4) and np.isfinite(load(disk / "feats", "layer3")).all()
+
+
+def test_a_write_error_mid_run_is_one_line_and_the_rerun_resumes(tmp_path, photo_files, resnet18_weights_pth,
+                                                                 monkeypatch):
+    import errno
+
+    out = tmp_path / "feats"
+    args = [*photo_files, "-o", out, "-l", "layer3,gap", *small(resnet18_weights_pth, "-b", "2")]
+    real_pwrite, calls = os.pwrite, []
+
+    def failing(fd, data, offset):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("layer3.npy"):
+            calls.append(fd)
+            if len(calls) == 2:  # batch 2's layer3 rows, once batch 1 is recorded
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    failed = invoke(*args)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert failed.exit_code == EXIT_FAILURE
+    assert failed.stderr.splitlines()[0] == f"torchtool: error: no space left on device while writing {out / 'layer3.npy'}"
+    assert "Traceback" not in failed.stderr
+    resumed = invoke(*args)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "2 of 8 rows already done" in resumed.stderr and meta(out)["complete"] is True
+
+
+def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, photo_files, resnet18_weights_pth, mount_tmpfs):
+    (tmp_path / "taken").write_text("x")
+    as_file = invoke(photo_files[0], "-o", tmp_path / "taken", *small(resnet18_weights_pth))
+    assert as_file.exit_code == EXIT_USAGE and f"--out {tmp_path / 'taken'} is a file" in as_file.stderr
+    readonly = mount_tmpfs("1m", ro=True)
+    denied = invoke(photo_files[0], "-o", readonly / "feats", *small(resnet18_weights_pth))
+    assert denied.exit_code == EXIT_FAILURE
+    assert denied.stderr.splitlines()[0] == f"torchtool: error: cannot write to --out {readonly / 'feats'}: " \
+                                            "read-only file system"
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, photos_dir, run_python):

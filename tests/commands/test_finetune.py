@@ -181,6 +181,85 @@ def test_summary_honours_format(digits4, tmp_path, fmt):
         assert result.stdout.splitlines()[0].split() == ["model", "mobilenet_v3_small"]
 
 
+def test_a_full_disk_says_which_file(digits4, mount_tmpfs):
+    disk = mount_tmpfs("2m")  # mobilenet_v3_small's checkpoint (weights and optimizer state) needs ~12 MB
+    result = invoke(digits4, "--out", disk / "run", *SMALL)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines()[0] == f"torchtool: error: no space left on device while writing " \
+                                            f"{disk / 'run' / 'last.pth'}"
+    assert "enforce fail" not in result.stderr and "Traceback" not in result.stderr
+    assert not list((disk / "run").glob(".*.tmp"))
+
+
+def test_out_that_is_a_file_or_read_only_is_one_line(digits4, tmp_path, mount_tmpfs):
+    (tmp_path / "taken").write_text("x")
+    as_file = invoke(digits4, "--out", tmp_path / "taken", *SMALL)
+    assert as_file.exit_code == 2 and f"--out {tmp_path / 'taken'} is a file" in as_file.stderr
+    readonly = mount_tmpfs("1m", ro=True)
+    denied = invoke(digits4, "--out", readonly / "run", *SMALL)
+    assert denied.exit_code == 1
+    assert f"cannot write to --out {readonly / 'run'}: read-only file system" in denied.stderr
+
+
+def test_a_diverging_run_fails_and_keeps_the_last_good_checkpoint(digits4, tmp_path):
+    out = tmp_path / "run"
+    assert invoke(digits4, "--out", out, *SMALL).exit_code == 0
+    diverged = invoke(digits4, "--out", out, "--resume", "--epochs", "2", "--lr", "1e30", "--workers", "0", "--device",
+                      "cpu", "--quiet")
+    assert diverged.exit_code == 1, diverged.output
+    error = [line for line in diverged.stderr.splitlines() if line.startswith("torchtool: error:")]
+    assert len(error) == 1 and error[0].startswith("torchtool: error: the training loss is not finite at epoch 2, batch ")
+    assert "--lr" in diverged.stderr and "--clip-grad-norm" in diverged.stderr and diverged.stdout == ""
+    assert load_checkpoint(out / "last.pth")["epoch"] == 1  # the diverged epoch was never saved
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2
+
+
+def test_an_epoch_without_one_readable_image_fails(digits4, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits4, data)
+    for image in (data / "train").rglob("*.png"):
+        image.write_bytes(b"")
+    result = invoke(data, "--out", tmp_path / "run", *SMALL)
+    assert result.exit_code == 1, result.output
+    assert "epoch 1: no training image could be read" in result.stderr
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("args", [["--lr", "nan"], ["--weight-decay", "inf"], ["--schedule", "step", "--milestones", "0"]],
+                         ids=["lr-nan", "wd-inf", "milestone-0"])
+def test_values_are_checked_before_out_exists(digits4, tmp_path, args):
+    result = invoke(digits4, "--out", tmp_path / "run", *SMALL, *args)
+    assert result.exit_code == 2, result.output
+    assert "must be" in result.stderr or "Invalid value" in result.stderr or "count from 1" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_another_run_holds_is_refused(digits4, tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "run"
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.get_context("fork").Process(target=_hold, args=(out, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        refused = invoke(digits4, "--out", out, *SMALL, "--resume")
+        assert refused.exit_code == 1 and f"{out} is in use by another torchtool run (pid {holder.pid})" in refused.stderr
+        assert not (out / "last.pth").exists()
+    finally:
+        release.set()
+        holder.join(30)
+    assert invoke(digits4, "--out", out, *SMALL, "--resume").exit_code == 0  # released: the run goes ahead
+
+
+def _hold(out, ready, release) -> None:
+    from torchtool.core.files import run_lock
+
+    with run_lock(out):
+        ready.set()
+        release.wait(60)
+
+
 def test_command_defaults_are_the_configs_defaults():
     import dataclasses
     import inspect

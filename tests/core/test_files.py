@@ -107,3 +107,58 @@ def test_check_writable(tmp_path):
     assert str(target) in info.value.message
     assert "--overwrite" in info.value.hint
     assert files.check_writable(target, overwrite=True) == target
+
+
+# --- write errors, output folders, disk space -----------------------------------------------------
+
+
+def test_write_errors_are_one_line_naming_the_path_and_the_cause(tmp_path):
+    import errno
+
+    failure = files.write_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "x.npy")
+    assert failure.message == f"no space left on device while writing {tmp_path / 'x.npy'}"
+    assert "rerun the same command" in failure.hint and failure.exit_code == 1
+    assert files.write_error(OSError(errno.EROFS, "Read-only"), "y").message == "read-only file system while writing y"
+    assert files.write_error(OSError(errno.ENOENT, "No such file"), "z") is None  # not a write problem
+    assert files.write_error(RuntimeError("zip writer failed"), tmp_path / "a.pth") is None  # the disk is not full
+
+
+def test_a_full_disk_fails_an_atomic_write_with_one_line(mount_tmpfs):
+    disk = mount_tmpfs("64k")
+    with pytest.raises(files.Failure, match=r"^no space left on device while writing .*big\.bin$"):
+        with files.atomic_write(disk / "big.bin", "wb") as fh:
+            fh.write(b"x" * 200_000)
+    assert list(disk.iterdir()) == []  # the temporary file is gone too
+
+
+def test_torch_save_on_a_full_disk_says_so(mount_tmpfs):
+    import torch
+
+    disk = mount_tmpfs("256k")
+    with pytest.raises(files.Failure, match="no space left on device while writing .*last.pth"):
+        files.atomic_save(disk / "last.pth", lambda tmp: torch.save({"w": torch.zeros(200_000)}, tmp))
+
+
+def test_space_is_checked_and_reserved(mount_tmpfs):
+    disk = mount_tmpfs("1m")
+    with pytest.raises(files.Failure, match=r"needs 2\.0 MB for the features, 1\.0 MB free"):
+        files.check_space(disk, 2_000_000, "the features")
+    fd = os.open(disk / "rows.bin", os.O_RDWR | os.O_CREAT)
+    try:
+        assert files.reserve(fd, 600_000, disk / "rows.bin")
+        assert os.fstat(fd).st_blocks * 512 >= 600_000  # allocated, not a sparse hole
+        with pytest.raises(files.Failure, match="no space left on device while writing"):
+            files.reserve(fd, 2_000_000, disk / "rows.bin")
+    finally:
+        os.close(fd)
+
+
+def test_writable_dir(tmp_path, mount_tmpfs):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UsageError, match="--out .*a_file is a file"):
+        files.writable_dir(tmp_path / "a_file")
+    assert files.writable_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    readonly = mount_tmpfs("1m", ro=True)
+    with pytest.raises(files.Failure, match="cannot write to --out .*: read-only file system"):
+        files.writable_dir(readonly / "run")

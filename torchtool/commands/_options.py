@@ -1,6 +1,6 @@
 """Options shared by every command, defined once so defaults never drift apart."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -31,7 +31,9 @@ Weights = Annotated[
     typer.Option("--weights", "-w", help="DEFAULT (pretrained, cached under TORCH_HOME), a weights name such as "
                  "IMAGENET1K_V1, none (random init), or a local .pth/.pt/.safetensors file or torchtool checkpoint."),
 ]
-ModelName = Annotated[str, typer.Option("--model", "-m", help="A torchvision classification model, e.g. resnet18, vgg16.")]
+ModelName = Annotated[Optional[str], typer.Option(
+    "--model", "-m", show_default=False, help="A torchvision classification model, e.g. resnet18, vgg16 (a torchtool "
+    "checkpoint given as --weights names its own).")]
 
 
 def given_options(ctx: typer.Context) -> set[str]:

@@ -17,7 +17,7 @@ def run(
         typer.Argument(help="Image files, folders (walked recursively) or - to read paths from stdin.",
                        show_default=False),
     ] = None,
-    model: ModelName = "resnet18",
+    model: ModelName = None,
     weights: Weights = "DEFAULT",
     layer: Annotated[
         list[str],
@@ -54,6 +54,8 @@ def run(
     json_: Json = False,
 ) -> None:
     """Extract features of many layers in one forward pass, streamed to .npy files.
+
+    The model is --model, else the architecture a torchtool checkpoint given as --weights names, else resnet18.
 
     Writes OUT/<layer>.npy (one row per input, NaN rows for unreadable ones), OUT/index.csv and OUT/meta.json. Rerunning an interrupted command resumes it. Exit 3 when some inputs could not be read. Works under `torchrun --nproc-per-node N -m torchtool`.
     """

@@ -29,7 +29,7 @@ def run(
                                          "with --val-split.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: last.pth, best.pth, metrics.csv, curves.png.",
                                       show_default=False)],
-    model: ModelName = None,  # type: ignore[assignment]
+    model: ModelName = None,
     weights: Weights = "DEFAULT",
     val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of each class (stratified, "
                                                        "seeded) when DATA has no val/ folder.")] = None,
@@ -127,7 +127,6 @@ def run(
         sync_bn=sync_bn, device=device, strict=strict)
     summary = fit(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
                   export=str(export_weights) if export_weights else None, given=given_options(ctx))
-    # the list of skipped images is for scripts; people get the count and the line on stderr
-    output.emit(summary if fmt in ("json", "jsonl") else {k: v for k, v in summary.items() if k != "skipped"}, fmt)
+    output.emit(summary, fmt)
     if summary["skipped_images"]:
         raise typer.Exit(output.EXIT_PARTIAL)

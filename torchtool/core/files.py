@@ -1,12 +1,18 @@
-"""Atomic file writes and the refuse-to-overwrite rule: every file torchtool writes goes through here.
+"""Atomic file writes, output folders, disk space, and write errors in one line.
 
-A temporary file beside the target, the mode ``open()`` would give, fsync, ``os.replace``;
-on any exception (Ctrl-C included) the temporary file is removed and the old file kept.
+Every file torchtool writes goes through :func:`atomic_path` (a temporary file beside the
+target, the mode ``open()`` would give, fsync, ``os.replace``; on any exception, Ctrl-C
+included, the temporary file is removed and the old file kept) or, for row-by-row arrays,
+reserves its space first (:func:`reserve`). A write that fails for a reason the user can
+fix (a full disk, a quota, a read-only or forbidden folder) becomes one :class:`Failure`
+line naming the path and the cause (:func:`write_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -14,7 +20,89 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.output import UsageError
+from torchtool.core.output import Failure, UsageError
+
+WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_FULL = 1 << 20  # below this much free space, a failed write is taken for a full disk
+LOCK_NAME = ".torchtool.lock"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (decimal units, as df -H and file managers show them)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Bytes an unprivileged write may still use on ``folder``'s filesystem."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def write_error(exc: BaseException, path: str | os.PathLike) -> Failure | None:
+    """The one-line :class:`Failure` for a write of ``path`` that failed for a reason a user can fix, else None.
+
+    Knows OSError's errno, and the full disk behind other writers' errors (torch.save raises
+    a RuntimeError from its zip writer).
+    """
+    cause = WRITE_ERRORS.get(exc.errno) if isinstance(exc, OSError) else None
+    if cause is None and not isinstance(exc, (OSError, KeyboardInterrupt)):
+        with contextlib.suppress(OSError):
+            if free_bytes(Path(path).parent) < _FULL:
+                cause = WRITE_ERRORS[errno.ENOSPC]
+    if cause is None:
+        return None
+    hint = ("free some space (or choose another --out), then rerun the same command" if "space" in cause or "quota"
+            in cause else "choose an --out you can write to")
+    return Failure(f"{cause} while writing {path}", hint=hint)
+
+
+def writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check that ``path`` is (or can become) a folder this process can write in; nothing is created.
+
+    Probes with a real temporary file in the nearest existing folder, so a read-only file
+    system is found even for root (whom permission bits do not stop).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file", hint=f"give {what} a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        cause = WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
+        raise Failure(f"cannot write to {what} {path}: {cause}", hint=f"choose a {what} you can write to") from None
+    return path
+
+
+def reserve(fd: int, size: int, path: str | os.PathLike) -> bool:
+    """Allocate ``size`` bytes of the file behind ``fd`` now, so later writes cannot meet a full disk.
+
+    False where the filesystem cannot preallocate (the file stays sparse); a full disk is a
+    :class:`Failure` naming ``path``.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise write_error(exc, path) or exc from None
+
+
+def check_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Fail before any work when ``folder`` has less than ``needed`` bytes free for ``what``."""
+    free = free_bytes(folder)
+    if needed > free:
+        raise Failure(f"{folder} needs {human_bytes(needed)} for {what}, {human_bytes(free)} free",
+                      hint="free some space or choose another --out, then rerun the same command")
 
 def _file_mode(path: Path) -> int:
     """An existing file's permissions, else the umask's default for a new file."""
@@ -34,8 +122,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     untouched, so readers never see a half-written file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(exc, path) or exc from None
     os.close(fd)
     try:
         os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give what open() would
@@ -43,10 +134,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        failure = write_error(exc, path)  # before the unlink: a full disk is judged by the space left
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        if failure is None:
+            raise
+        raise failure from exc
 
 
 @contextlib.contextmanager
@@ -56,9 +150,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         yield fh
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a whole text file atomically."""
-    with atomic_write(path, "w", encoding="utf-8") as fh:
+def atomic_write_text(path: str | os.PathLike, text: str, errors: str = "strict") -> None:
+    """Write a whole text file atomically, as UTF-8 (``errors="surrogateescape"``: file names' own bytes)."""
+    with atomic_write(path, "w", encoding="utf-8", errors=errors) as fh:
         fh.write(text)
 
 
@@ -74,3 +168,37 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it")
     return path
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator[Path]:
+    """Hold ``folder`` for one run: a second run on it is refused while this one lives.
+
+    An advisory ``flock`` on ``folder/.torchtool.lock`` (created with the folder): the kernel
+    drops it when the process dies, however it dies, so a killed run blocks nothing. Under
+    torchrun only rank 0 takes it (``enabled``): the ranks of one job are one run.
+    """
+    folder = Path(folder)
+    if not enabled:
+        yield folder
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise write_error(exc, folder / LOCK_NAME) or exc from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise Failure(f"{folder} is in use by another torchtool run" + (f" (pid {holder})" if holder else ""),
+                      hint="wait for it to finish, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(folder / LOCK_NAME)
+        os.close(fd)

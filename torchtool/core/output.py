@@ -82,6 +82,12 @@ def warn(message: str) -> None:
         print(f"torchtool: {message}", file=sys.stderr, flush=True)
 
 
+def info(message: str, quiet: bool = False) -> None:
+    """A progress note ("resuming ...") on stderr: unlike a warning, ``--quiet`` silences it."""
+    if not quiet:
+        warn(message)
+
+
 def suggest(name: str, choices: Sequence[str], n: int = 3) -> str:
     """'did you mean ...' text for a mistyped name ('' when nothing is close)."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
@@ -106,8 +112,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def to_json(data: Any, indent: int | None = 2) -> str:
-    """JSON text with stable key order; NaN/inf become null so any parser reads it."""
-    return json.dumps(_jsonable(data), indent=indent, ensure_ascii=False)
+    """JSON text with stable key order; NaN/inf become null so any parser reads it.
+
+    A file name that is not UTF-8 (Python keeps its bytes as lone surrogates) is written as a
+    ``\\udcXX`` escape: valid JSON, and ``os.fsencode(json.loads(...))`` gives the bytes back.
+    """
+    text = json.dumps(_jsonable(data), indent=indent, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _cell(value: Any) -> str:
@@ -240,7 +251,11 @@ def emit(data: Any, fmt: str = "table", columns: Sequence[str] | None = None, ti
         return
     text = render(data, fmt, columns, title)
     if text:
-        sys.stdout.write(text + "\n")
+        try:
+            sys.stdout.write(text + "\n")
+        except UnicodeEncodeError:  # a non-UTF-8 file name in a table or CSV: its own bytes, as ls shows them
+            sys.stdout.flush()
+            sys.stdout.buffer.write((text + "\n").encode(sys.stdout.encoding or "utf-8", "surrogateescape"))
     sys.stdout.flush()
 
 

@@ -57,11 +57,12 @@ def find_images(paths: Sequence[str], list_file: str | os.PathLike | None = None
         list_path = Path(list_file)
         if not list_path.is_file():
             raise UsageError(f"no such list file: {list_path}")
-        with open(list_path, encoding="utf-8") as fh:
+        with open(list_path, encoding="utf-8", errors="surrogateescape") as fh:  # any file name, byte for byte
             images.extend(_read_list(fh))
     for raw in paths:
         if raw == "-":
-            images.extend(_read_list(sys.stdin))
+            stdin = getattr(sys.stdin, "buffer", None)  # bytes: file names need not be UTF-8
+            images.extend(_read_list(os.fsdecode(line) for line in stdin) if stdin else _read_list(sys.stdin))
             continue
         path = Path(raw)
         if path.is_dir():

@@ -8,13 +8,18 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import signal
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torchtool.core.data.images import MAX_PIXELS, describe_error, load_image
+from torchtool.core.output import warn
+from torchtool.core.runtime import available_cpus
 
 
 class ImageDataset:
@@ -50,29 +55,46 @@ class ImageDataset:
                     describe_error(exc))
 
 
-def lower_priority(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: decode at a lower CPU priority than the model's threads.
+def worker_init(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: die with the parent, and decode at a lower CPU priority than the model.
 
-    On a machine with few cores the workers would otherwise preempt the forward pass's
-    OpenMP threads mid-operation; niced, they fill the gaps instead.
+    A worker whose parent was SIGKILLed or OOM-killed would otherwise live on with its memory
+    (Linux: PR_SET_PDEATHSIG ends it with the parent). On a machine with few cores the
+    workers would preempt the forward pass's OpenMP threads mid-operation; niced, they fill
+    the gaps instead.
     """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:  # the parent died before the line above: nobody is left to serve
+            os._exit(1)
     try:
         os.nice(10)
     except OSError:
         pass
 
 
+def cap_workers(workers: int) -> int:
+    """``workers`` capped at the CPUs this process may use (more only compete with each other), with a note."""
+    cpus = available_cpus()
+    if workers <= cpus:
+        return workers
+    warn(f"--workers {workers} is more than the {cpus} CPU(s) available here: using {cpus}")
+    return cpus
+
+
 def make_loader(dataset: Any, batch_size: int, workers: int, *, sampler: Any = None,
-                pin_memory: bool = False, drop_last: bool = False, seed: int | None = None,
-                worker_init: Any = None) -> Any:
-    """A DataLoader with the settings every command wants (persistent workers, prefetch)."""
+                pin_memory: bool = False, drop_last: bool = False, seed: int | None = None) -> Any:
+    """A DataLoader with the settings every command wants (persistent workers, prefetch, :func:`worker_init`)."""
     import torch
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       drop_last=drop_last, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                      generator=generator, worker_init_fn=worker_init)
+                      generator=generator, worker_init_fn=worker_init if workers > 0 else None)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -1,4 +1,4 @@
-"""The extract-features run: inputs -> model -> layers -> memory-mapped files, resumable; --list-layers.
+"""The extract-features run: inputs -> model -> layers -> .npy files row by row, resumable; --list-layers.
 
 Under torchrun every process takes every ``world_size``-th pending row and writes its
 rows into the same files; rank 0 writes index.csv and meta.json at the end.
@@ -6,7 +6,9 @@ rows into the same files; rank 0 writes index.csv and meta.json at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,16 +20,15 @@ import torch
 
 from torchtool.core import infer, runtime
 from torchtool.core.data.images import find_images
-from torchtool.core.data.loading import ImageDataset, lower_priority, make_loader
+from torchtool.core.data.loading import ImageDataset, cap_workers, make_loader
 from torchtool.core.data.transforms import CenterCrop, Normalize
 from torchtool.core.features.extractor import FeatureExtractor
 from torchtool.core.features.layers import LayerCatalog
 from torchtool.core.features.pooling import POOLS
 from torchtool.core.features.store import FeatureStore, prepare_output
-from torchtool.core.files import atomic_write_text
-from torchtool.core.models.build import build_model
-from torchtool.core.models.weights import resolve_weights
-from torchtool.core.output import UsageError, progress, to_json, warn
+from torchtool.core.files import atomic_write_text, run_lock, writable_dir
+from torchtool.core.models.build import build_model, choose_weights
+from torchtool.core.output import Failure, UsageError, info, progress, to_json, warn
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ExtractConfig:
     """Everything an extraction depends on, as plain values (recorded in meta.json as "config")."""
 
     inputs: list[str]
-    model: str | None = "resnet18"
+    model: str | None = None  # None: the weights file's architecture, else models.names.DEFAULT_MODEL
     weights: str = "DEFAULT"
     layers: list[str] = field(default_factory=lambda: ["gap"])
     pool: list[str] = field(default_factory=lambda: ["none"])
@@ -79,7 +80,7 @@ def split_layers(specs: list[str]) -> list[str]:
 
 def _fingerprint(cfg: ExtractConfig, arch: str, weights: str, layers: list[Any], preprocess: dict,
                  paths: list[Path]) -> dict[str, Any]:
-    digest = hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()
+    digest = hashlib.sha256(b"\n".join(map(os.fsencode, paths))).hexdigest()  # any file name
     weights_file = Path(weights)
     if weights_file.is_file():  # a file replaced at the same path must not be resumed into
         stat = weights_file.stat()
@@ -97,8 +98,8 @@ def _versions() -> dict[str, str]:
 
 def list_layers(model: str | None, weights: str, image_size: int | None = None) -> list[dict[str, Any]]:
     """``--list-layers``: every layer name of the model with its per-sample shape (nothing is downloaded)."""
-    choice = resolve_weights(model, weights)  # pretrained or not, the layers are the same
-    built = build_model(model, choice if choice.kind == "file" else "none")
+    arch, choice = choose_weights(model, weights)
+    built = build_model(arch, choice if choice.kind == "file" else "none")  # pretrained or not, the same layers
     return LayerCatalog(built.model, built.arch).table(image_size or built.preprocess.crop_size)
 
 
@@ -115,31 +116,34 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
         raise UsageError(f"unknown --dtype {cfg.dtype!r}", hint="choose float32 or float16")
     default_pool, per_layer_pool = parse_pools(cfg.pool)
     layer_names = split_layers(cfg.layers)
-    with runtime.distributed(cfg.device) as dist:
-        return _run(cfg, dist, default_pool, per_layer_pool, layer_names, started)
+    with runtime.distributed(cfg.device) as dist, contextlib.ExitStack() as held:
+        return _run(cfg, dist, held, default_pool, per_layer_pool, layer_names, started)
 
 
-def _run(cfg: ExtractConfig, dist: runtime.Dist, default_pool: str, per_layer_pool: dict[str, str],
-         layer_names: list[str], started: float) -> dict[str, Any]:
+def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, default_pool: str,
+         per_layer_pool: dict[str, str], layer_names: list[str], started: float) -> dict[str, Any]:
     # 1. validate everything cheap before any image is read (stdin is read once, by rank 0)
     paths = dist.broadcast(find_images(cfg.inputs, cfg.list_file) if dist.is_main else None)
     dev = runtime.resolve_device(cfg.device, dist.local_rank)
     runtime.seed_everything(cfg.seed)  # random-init weights (--weights none) must agree across ranks and reruns
-    built = build_model(cfg.model, cfg.weights, device="cpu")
+    built = build_model(*choose_weights(cfg.model, cfg.weights), device="cpu")
     preprocess = built.preprocess.resized(cfg.image_size, cfg.resize)
     catalog = LayerCatalog(built.model, built.arch)
-    layers = [catalog.resolve(n, default_pool, per_layer_pool) for n in layer_names]
+    # gap,gap:avg asks for one layer twice, alike: kept once; gap:avg,gap:max is a contradiction
+    layers = list(dict.fromkeys(catalog.resolve(n, default_pool, per_layer_pool) for n in layer_names))
     names = [lay.name for lay in layers]
     if len(set(names)) < len(names):
-        raise UsageError("a layer is requested twice", hint="name each layer once; use LAYER:POOL to pick its pooling")
+        raise UsageError("a layer is requested twice with different pooling",
+                         hint="name each layer once; use LAYER:POOL to pick its pooling")
     # channels_last is faster for convolutions on CUDA and on CPU (oneDNN) alike
     extractor = FeatureExtractor(built.model, layers, normalize=cfg.normalize, nodes=catalog.nodes, fold_bn=True)
     extractor = extractor.to(dev, memory_format=torch.channels_last)
     shapes = _layer_shapes(extractor, preprocess.crop_size, dev, cfg.amp)
-    out = Path(cfg.out)
+    out = writable_dir(cfg.out)
     fingerprint = _fingerprint(cfg, built.arch, built.weights, layers, preprocess.to_dict(), paths)
 
-    # 2. fresh output or resume (rank 0 decides and creates the files, the others open them)
+    # 2. fresh output or resume (rank 0 holds OUT for the run, decides, creates the files; the others open them)
+    held.enter_context(run_lock(out, dist.is_main))
     resuming = prepare_output(out, fingerprint, names, cfg.overwrite) if dist.is_main else True
     meta = {"model": built.arch, "weights": built.weights, "complete": False, "fingerprint": fingerprint,
             "layers": {lay.name: {"target": lay.target, "pool": lay.pool, "shape": [len(paths), *shapes[lay.name]],
@@ -156,15 +160,15 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, default_pool: str, per_layer_po
     pending = store.pending()
     todo = pending[dist.rank::dist.world_size]
     if dist.is_main and len(pending) < len(paths):
-        warn(f"resuming {out}: {len(paths) - len(pending)} of {len(paths)} rows already done")
+        info(f"resuming {out}: {len(paths) - len(pending)} of {len(paths)} rows already done", cfg.quiet)
 
     # 3. the loop: workers decode and crop to uint8 (4x less to pass on than floats), the batch
     # is normalised on the device, one forward gives every layer, rows are written as they come
     crop = preprocess.crop_size
     dataset = ImageDataset([paths[i] for i in todo], CenterCrop(crop, preprocess.resize_size, preprocess.interpolation),
                            fallback_shape=(crop, crop, 3), fallback_dtype="uint8")
-    loader = make_loader(dataset, cfg.batch_size or runtime.default_batch_size(dev), cfg.workers,
-                         pin_memory=dev.type == "cuda", worker_init=lower_priority)
+    loader = make_loader(dataset, cfg.batch_size or runtime.default_batch_size(dev), cap_workers(cfg.workers),
+                         pin_memory=dev.type == "cuda")
     bad = infer.BadInputs(dataset.paths, cfg.strict)
     trim = runtime.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
     loop_started = time.perf_counter()
@@ -197,4 +201,6 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, default_pool: str, per_layer_po
     else:
         store.close()
     dist.barrier()  # no process exits (and gets its siblings killed by torchrun) before the files are final
+    if counts["skipped"] and not counts["ok"]:  # nothing to show for the run: a failure, not a partial success
+        raise Failure(f"none of the {len(paths)} inputs could be read", hint=f"see {out / 'index.csv'} for why")
     return summary

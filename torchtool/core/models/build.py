@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchtool.core.models.heads import find_head, head_classes, num_outputs, replace_head
-from torchtool.core.models.names import build_kwargs, check_arch
+from torchtool.core.models.names import DEFAULT_MODEL, build_kwargs, check_arch
 from torchtool.core.models.preprocess import Preprocess, preprocess_for
 from torchtool.core.models.weights import WeightsChoice, ensure_downloaded, resolve_weights
 from torchtool.core.output import Failure, UsageError
@@ -28,6 +28,27 @@ class BuiltModel:
     classes: list[str] | None
     preprocess: Preprocess
     head: str
+
+
+def _misfit(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """'12 missing keys, 3 unexpected, 1 of another shape' for a state_dict that does not fit."""
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    shapes = [k for k in expected.keys() & found.keys() if tuple(expected[k].shape) != tuple(found[k].shape)]
+    parts = [f"{n} {what}" for n, what in ((len(missing), "missing keys"), (len(unexpected), "unexpected keys"),
+                                           (len(shapes), "of another shape")) if n]
+    return ", ".join(parts) or "the tensors do not load"
+
+
+def choose_weights(arch: str | None, weights: str, default_arch: str = DEFAULT_MODEL) -> tuple[str, WeightsChoice]:
+    """(architecture, weights): ``arch`` when given, else the weights file's, else ``default_arch``.
+
+    A file that holds another architecture than an explicit ``arch`` is refused.
+    """
+    choice = resolve_weights(arch or default_arch, weights)  # a file's own arch wins over the default
+    if choice.arch and arch and choice.arch != arch:
+        raise UsageError(f"--weights {choice.label} holds a {choice.arch} model, not {arch}",
+                         hint=f"pass --model {choice.arch} or leave --model out")
+    return check_arch(arch or choice.arch or default_arch), choice
 
 
 def build_model(arch: str | None, weights: str | WeightsChoice = "DEFAULT", num_classes: int | None = None,
@@ -62,9 +83,8 @@ def build_model(arch: str | None, weights: str | WeightsChoice = "DEFAULT", num_
             replace_head(model, file_classes)
         try:
             model.load_state_dict(wf.state_dict)
-        except RuntimeError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            raise Failure(f"{wf.path} does not fit {arch}: {' '.join(lines[1:3])[:300]}",
+        except RuntimeError:
+            raise Failure(f"{wf.path} does not fit {arch}: {_misfit(model.state_dict(), wf.state_dict)}",
                           hint="check --model matches the architecture the weights were saved from") from None
         classes = wf.classes
         if wf.preprocess:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a weights file", hint="give the .pth/.pt/.safetensors file itself")
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
+    if path.stat().st_size == 0:
+        raise Failure(f"{path} is empty (0 bytes)", hint="a write of it was cut short; use another copy")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        # torch's message goes on to explain how to load it anyway (weights_only=False): not advice to pass on
+        found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(exc))
         raise Failure(
-            f"refusing to load {path}: it needs arbitrary code to unpickle ({first[:200]})",
+            f"refusing to load {path}: it needs code to unpickle ({found.group(1) if found else 'not plain tensors'})",
             hint="only tensors and plain types are loaded (weights_only=True); re-save the state_dict "
             "with torch.save(model.state_dict(), path) or as .safetensors",
         ) from None
@@ -78,6 +84,9 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--weights {path} is a folder", hint="give the weights file inside it (.pth, .pt, "
+                         ".safetensors, or a finetune run's best.pth)")
     if not path.is_file():
         raise UsageError(f"no such weights file: {path}", hint="pass DEFAULT, a weights name, none, or an existing file")
     if path.suffix == ".safetensors":

@@ -6,6 +6,8 @@ from typing import Any
 
 from torchtool.core.output import UsageError, suggest
 
+# The model of commands that run an existing model when neither --model nor the weights file name one.
+DEFAULT_MODEL = "resnet18"
 # Models whose auxiliary heads only matter for their original training recipe.
 _AUX_MODELS = ("googlenet", "inception_v3")
 

@@ -6,7 +6,9 @@ downloaded the error names the expected file and the ``--weights PATH`` / ``none
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,9 @@ def ensure_downloaded(member: Any) -> Path:
     if path.is_file():
         return path
     try:
-        torch.hub.load_state_dict_from_url(member.url, progress=True, check_hash=True, map_location="cpu")
+        # torch.hub says "Downloading: ..." on stdout; stdout is for data (`--json | jq` must not break)
+        with contextlib.redirect_stdout(sys.stderr):
+            torch.hub.load_state_dict_from_url(member.url, progress=True, check_hash=True, map_location="cpu")
     except Exception as exc:  # URLError, timeouts, hash mismatch: all mean "not available here"
         raise Failure(
             f"cannot download {type(member).__name__}.{member.name} ({exc.__class__.__name__}: {str(exc)[:120]})",

@@ -5,6 +5,7 @@ A leaf: it imports nothing of the training code, so every other piece can import
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torchtool.core.output import UsageError
@@ -71,6 +72,13 @@ class TrainConfig:
             raise UsageError(f"unknown augmentation {self.augment!r}", hint=f"choose from: {', '.join(AUGMENTS)}")
         if self.schedule == "multistep" and not self.milestones:
             raise UsageError("--schedule multistep needs --milestones", hint="e.g. --milestones 30,60")
+        for name in ("lr", "backbone_lr", "weight_decay", "label_smoothing", "mixup", "cutmix", "l1", "clip_grad_norm",
+                     "gamma"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
+        if any(m < 1 for m in self.milestones):
+            raise UsageError(f"--milestones {','.join(map(str, self.milestones))}: epochs count from 1")
         self.lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
         self.weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay
         self.backbone_lr = self.lr if self.backbone_lr is None else self.backbone_lr

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from torchtool.core import infer
 from torchtool.core.infer import BadInputs
+from torchtool.core.output import Failure
 from torchtool.core.runtime import autocast
 from torchtool.core.train.config import TrainConfig
 
@@ -40,15 +41,20 @@ def _forward_loss(step: Step, images: torch.Tensor, targets: torch.Tensor):
     return logits, loss
 
 
-def train_one_epoch(step: Step, loader: Any, bad: BadInputs, bar: Any) -> torch.Tensor:
-    """One pass over the training data; returns [loss sum, correct, images] (on the device)."""
+def train_one_epoch(step: Step, loader: Any, bad: BadInputs, bar: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the training data: ([loss sum, correct, non-finite batches, images], first non-finite batch).
+
+    Both on the device (the first non-finite batch is -1 when there was none); all-reduce the
+    sums, then :func:`check_epoch`.
+    """
     step.model.train()
     for module in step.frozen_norms:
         module.eval()
     dev, seen, shown = step.device, 0, time.monotonic()
     # Running sums stay on the device: reading them (.item()) each batch would force a sync.
-    totals = torch.zeros(2, dtype=torch.float64, device=dev)
-    for images, targets, indices, errors in loader:
+    totals = torch.zeros(3, dtype=torch.float64, device=dev)
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+    for batch_no, (images, targets, indices, errors) in enumerate(loader):
         whole = images
         good = bad.check(indices.tolist(), errors)
         if good is not None:
@@ -78,14 +84,34 @@ def train_one_epoch(step: Step, loader: Any, bad: BadInputs, bar: Any) -> torch.
         step.scaler.step(step.optimizer)
         step.scaler.update()
         if n:
-            totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double()])
+            finite = torch.isfinite(loss.detach())
+            first_bad = torch.where((first_bad < 0) & ~finite, batch_no, first_bad)
+            totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double(),
+                                   (~finite).double()])
             seen += n
         if not bar.disable and time.monotonic() - shown > 1:  # only when a person watches: one sync a second
             shown = time.monotonic()
             t = totals.tolist()
             bar.set_postfix(loss=f"{t[0] / max(seen, 1):.4f}", acc=f"{t[1] / max(seen, 1):.3f}",
                             lr=f"{step.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
-    return torch.cat([totals, totals.new_tensor([seen])])
+    return torch.cat([totals, totals.new_tensor([seen])]), first_bad
+
+
+def check_epoch(sums: list[float], first_bad: torch.Tensor, epoch: int) -> None:
+    """Fail the run, before its checkpoint, when epoch ``epoch`` (from 1) diverged or read no image.
+
+    ``sums`` are :func:`train_one_epoch`'s sums over every process (the same on each, so every
+    rank stops together).
+    """
+    if sums[3] == 0:
+        raise Failure(f"epoch {epoch}: no training image could be read",
+                      hint="fix or remove the unreadable images (--strict names the first); OUT/last.pth, if any, "
+                      "holds the last good epoch")
+    if sums[2]:
+        where = int(first_bad.item())
+        at = f", batch {where + 1}" if where >= 0 else ""  # another process met it first
+        raise Failure(f"the training loss is not finite at epoch {epoch}{at}: the run diverged",
+                      hint="lower --lr or set --clip-grad-norm, then rerun; OUT/last.pth holds the last good epoch")
 
 
 def validate(model: nn.Module, loader: Any, step: Step, bad: BadInputs, bar: Any) -> torch.Tensor:

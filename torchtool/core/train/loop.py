@@ -8,6 +8,7 @@ every rank agrees, and only rank 0 writes files or draws bars.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection
 from typing import Any
@@ -31,9 +32,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, resume_from: str | None = Non
     given checkpoint; the checkpoint's settings are kept except those named in ``given``
     (e.g. ``{"epochs"}``: the options the user set).
     """
-    with distributed(cfg.device) as dist:
-        run = setup.prepare(cfg, dist, resume=resume, resume_from=resume_from, overwrite=overwrite, export=export,
-                            tensorboard=tensorboard, given=given)
+    with distributed(cfg.device) as dist, contextlib.ExitStack() as held:
+        run = setup.prepare(cfg, dist, held, resume=resume, resume_from=resume_from, overwrite=overwrite,
+                            export=export, tensorboard=tensorboard, given=given, quiet=quiet)
         with determinism(run.cfg.deterministic):
             return _loop(run.cfg, run, dist, quiet=quiet)  # run.cfg: with --resume, merged with the checkpoint's
 
@@ -57,10 +58,12 @@ def _loop(cfg: TrainConfig, run: Run, dist: Dist, *, quiet: bool) -> dict[str, A
         loaders.train.sampler.set_epoch(epoch)  # this epoch's order and augmentations, same on resume
         seen = min(len(loaders.train.sampler), len(loaders.train) * cfg.batch_size)  # drop_last drops a few
         with progress(total=seen, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", quiet=quiet) as bar:
-            train = dist.all_reduce(epochs.train_one_epoch(step, loaders.train, bad[0], bar))
+            sums, first_bad = epochs.train_one_epoch(step, loaders.train, bad[0], bar)
+        train = dist.all_reduce(sums)  # [loss sum, correct, non-finite batches, images]: every rank agrees
+        epochs.check_epoch(train, first_bad, epoch + 1)
         with progress(total=len(loaders.val.dataset), desc="validate", unit="img", quiet=quiet) as bar:
             val = dist.all_reduce(epochs.validate(model, loaders.val, step, bad[1], bar))
-        row = {"epoch": epoch + 1, "train_loss": train[0] / max(train[2], 1), "train_acc": train[1] / max(train[2], 1),
+        row = {"epoch": epoch + 1, "train_loss": train[0] / train[3], "train_acc": train[1] / train[3],
                "val_loss": val[0] / max(val[2], 1), "val_acc": val[1] / max(val[2], 1),
                "lr": step.optimizer.param_groups[0]["lr"], "seconds": 0.0}
         schedule.step(row["val_acc"])

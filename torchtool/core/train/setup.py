@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -12,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from torchtool.core.data.folders import find_splits
-from torchtool.core.data.loading import EpochSampler, ImageDataset, SeededSamples, lower_priority, make_loader, shard
+from torchtool.core.data.loading import EpochSampler, ImageDataset, SeededSamples, cap_workers, make_loader, shard
 from torchtool.core.data.transforms import preprocess_transform
-from torchtool.core.files import check_writable
+from torchtool.core.files import LOCK_NAME, check_writable, run_lock, writable_dir
 from torchtool.core.models.build import build_model
 from torchtool.core.models.names import check_arch
 from torchtool.core.models.preprocess import Preprocess
@@ -29,23 +30,22 @@ from torchtool.core.train.recipes import EpochSchedule, build_optimizer, freeze_
 from torchtool.core.train.state import RUN_FILES, Run, load_resume, resumed_config
 
 
-def prepare(cfg: TrainConfig, dist: Dist, *, resume: bool, resume_from: str | None, overwrite: bool,
-            export: str | None, tensorboard: bool, given: Collection[str] = ()) -> Run:
+def prepare(cfg: TrainConfig, dist: Dist, held: contextlib.ExitStack, *, resume: bool, resume_from: str | None,
+            overwrite: bool, export: str | None, tensorboard: bool, given: Collection[str] = (),
+            quiet: bool = False) -> Run:
     """Check every input before anything expensive happens; clear OUT for --overwrite.
 
     With ``resume`` (OUT/last.pth) or ``resume_from`` (a checkpoint) the checkpoint's settings
-    are taken, except those named in ``given``.
+    are taken, except those named in ``given``. OUT is locked for the run in ``held``.
     """
-    out = Path(cfg.out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {cfg.out} is a file", hint="give a folder for the run's checkpoints and logs")
+    out = writable_dir(cfg.out).resolve()
     resume = resume or resume_from is not None
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other", hint="continue a run, or start it again")
-    checkpoint = load_resume(out, resume_from) if resume else None
+    checkpoint = load_resume(out, resume_from, quiet) if resume else None
     if checkpoint is not None:  # before the data: --val-split and --seed may come from it
         cfg = resumed_config(cfg, checkpoint["config"], given)
-    if not resume and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not resume and out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         raise UsageError(f"{out} already exists", hint="pass --resume to continue that run, --overwrite to start "
                          "it again, or choose another --out")
     splits = find_splits(cfg.data, cfg.val_split, cfg.seed)
@@ -79,6 +79,7 @@ def prepare(cfg: TrainConfig, dist: Dist, *, resume: bool, resume_from: str | No
     if cfg.warmup_covers_run:
         warn(f"--warmup-epochs {cfg.warmup_epochs} covers the whole run (--epochs {cfg.epochs}): the learning "
              "rate only warms up, the schedule never starts")
+    held.enter_context(run_lock(out, dist.is_main))  # before --overwrite clears anything
     if dist.is_main and overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -147,8 +148,9 @@ def loaders(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> Loa
                  shard(len(s.val_paths), dist.rank, dist.world_size))
     pin = device.type == "cuda"
     # A loader-owned generator: creating iterators must not draw from the global one (resume exactness).
-    kwargs = {"pin_memory": pin, "seed": cfg.seed, "worker_init": lower_priority}
+    kwargs = {"pin_memory": pin, "seed": cfg.seed}
     # Drop the last partial batch (different images each epoch): a batch of one breaks BatchNorm.
     drop_last = len(sampler) >= cfg.batch_size
-    return Loaders(make_loader(train, cfg.batch_size, cfg.workers, sampler=sampler, drop_last=drop_last, **kwargs),
-                   make_loader(val, cfg.batch_size, cfg.workers, **kwargs))
+    workers = cap_workers(cfg.workers)
+    return Loaders(make_loader(train, cfg.batch_size, workers, sampler=sampler, drop_last=drop_last, **kwargs),
+                   make_loader(val, cfg.batch_size, workers, **kwargs))

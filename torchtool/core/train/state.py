@@ -24,7 +24,7 @@ from torchtool.core.files import atomic_path
 from torchtool.core.models.checkpoint import is_torchtool_checkpoint, load_checkpoint, save_checkpoint
 from torchtool.core.models.preprocess import Preprocess
 from torchtool.core.models.weights import WeightsChoice
-from torchtool.core.output import UsageError, warn
+from torchtool.core.output import UsageError, info, warn
 from torchtool.core.runtime import Dist, set_rng_state
 from torchtool.core.train.config import FIXED_ON_RESUME, RESUMABLE, TrainConfig
 from torchtool.core.train.epoch import Step
@@ -51,13 +51,13 @@ class Run:
     preprocess: Preprocess | None = None
 
 
-def load_resume(out: Path, resume_from: str | None) -> dict[str, Any] | None:
+def load_resume(out: Path, resume_from: str | None, quiet: bool = False) -> dict[str, Any] | None:
     """The checkpoint to continue: ``resume_from``, else OUT/last.pth (None when there is none yet)."""
     path = Path(resume_from).expanduser() if resume_from else out / "last.pth"
     if not path.is_file():
         if resume_from:
             raise UsageError(f"no such checkpoint: {resume_from}")
-        warn(f"no checkpoint in {out} yet: starting a new run")
+        info(f"no checkpoint in {out} yet: starting a new run (next time, leave out --resume to start one)", quiet)
         return None
     state = load_checkpoint(path)
     if not is_torchtool_checkpoint(state) or "optimizer" not in state:
