@@ -574,11 +574,15 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def test_loader_workers_die_with_a_killed_parent(tmp_path, photo_files, resnet18_weights_pth, torchtool_exe):
-    stalled = tmp_path / "stalled.jpg"
-    os.mkfifo(stalled)  # reading it blocks: the run is mid-way, its workers alive, when the kill comes
+def _many(tmp_path: Path, photo_files: list[Path], n: int) -> Path:
+    """A --list of ``n`` rows of the photos: long enough that a run is mid-way when a test kills it."""
     listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{p}\n" for p in [*photo_files, stalled, *photo_files]))
+    listing.write_text("".join(f"{photo_files[i % len(photo_files)]}\n" for i in range(n)))
+    return listing
+
+
+def test_loader_workers_die_with_a_killed_parent(tmp_path, photo_files, resnet18_weights_pth, torchtool_exe):
+    listing = _many(tmp_path, photo_files, 600)
     proc = subprocess.Popen([str(torchtool_exe), "extract-features", "--list", str(listing), "-o", str(tmp_path / "f"),
                              "-m", "resnet18", "-w", str(resnet18_weights_pth), *SIZE, "--workers", "2", "-b", "2",
                              "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -599,11 +603,33 @@ def test_loader_workers_die_with_a_killed_parent(tmp_path, photo_files, resnet18
     alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
              and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert alive == [], "loader workers outlived their SIGKILLed parent"
-    stalled.unlink()
-    shutil.copy(photo_files[0], stalled)
+    assert meta(tmp_path / "f")["complete"] is False  # killed mid-way
     rerun = invoke(*args)  # the dead run holds nothing: it resumes
     assert rerun.exit_code == 0, rerun.stderr
     assert "resuming" in rerun.stderr and not (tmp_path / "f" / ".torchtool.lock").exists()
+
+
+def test_fifos_and_folders_named_like_images_are_skipped_not_waited_for(tmp_path, photo_files, resnet18_weights_pth,
+                                                                         run_torchtool):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    shutil.copy(photo_files[0], root / "a.jpg")
+    os.mkfifo(root / "b_stalled.jpg")  # opening it for reading would block forever
+    (root / "c_folder.jpg").mkdir()  # a folder: walked (it is empty), never opened
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{root / 'a.jpg'}\n{root / 'b_stalled.jpg'}\n{root / 'c_folder.jpg'}\n")
+    for inputs in ([str(root)], ["--list", str(listing)]):
+        out = tmp_path / f"f{len(inputs)}"
+        proc = run_torchtool("extract-features", *inputs, "-o", str(out), "-m", "resnet18", "-w",
+                             str(resnet18_weights_pth), *SIZE, "--workers", "1", "--device", "cpu", timeout=120)
+        assert proc.returncode == EXIT_PARTIAL, proc.stderr
+        rows = {Path(r["path"]).name: r for r in index(out)}
+        assert rows["a.jpg"]["status"] == "ok"
+        assert rows["b_stalled.jpg"]["error"] == "not a regular file: a FIFO"
+        if len(inputs) == 2:
+            assert rows["c_folder.jpg"]["error"] == "not a regular file: a folder"
+        else:
+            assert "c_folder.jpg" not in rows
 
 
 def test_workers_beyond_the_cpus_are_capped_with_one_note(tmp_path, photo_files, resnet18_weights_pth):
@@ -619,20 +645,8 @@ def test_workers_beyond_the_cpus_are_capped_with_one_note(tmp_path, photo_files,
 
 
 def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torchtool_exe):
-    root = tmp_path / "imgs"
-    root.mkdir()
-    paths = []
-    for i in range(16):
-        src = photo_files[i % len(photo_files)]
-        paths.append(root / f"{i:02d}{src.suffix}")
-        shutil.copy(src, paths[-1])
-    # Row 9 is a FIFO, like a stalled network share: reading it blocks, so the first
-    # batches are on disk when the kill comes and the run cannot finish before it.
-    stalled = paths[9]
-    stalled.unlink()
-    os.mkfifo(stalled)
-    listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{p}\n" for p in paths))
+    listing = _many(tmp_path, photo_files, 400)  # long enough to be mid-way when the kill comes
+    n = 400
     out = tmp_path / "feats"
     args = ["--list", str(listing), "-o", str(out), "-l", "layer3,gap", *small(resnet18_weights_pth, "-b", "2"),
             "--device", "cpu"]
@@ -640,17 +654,15 @@ def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torcht
     proc = subprocess.Popen([str(torchtool_exe), "extract-features", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        status = _wait_for_rows(out, 8, proc)
+        _wait_for_rows(out, 8, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert (status[:8] == 1).all()
+    status = np.load(out / ".state" / "status.npy")
+    done = int((status != 0).sum())
+    assert 8 <= done < n and (status[:done] == 1).all() and (status[done:] == 0).all()  # a prefix, in order
     assert meta(out)["complete"] is False
-    assert (np.load(out / ".state" / "status.npy")[8:] == 0).all()
-
-    stalled.unlink()
-    shutil.copy(photo_files[9 % len(photo_files)], stalled)
 
     # another setting on the unfinished output is refused, and leaves it alone
     other = invoke(*[a if a != "layer3,gap" else "gap" for a in args])
@@ -660,9 +672,9 @@ def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torcht
     assert (np.load(out / ".state" / "status.npy") == status).all()
     resumed = invoke(*args)
     assert resumed.exit_code == 0, resumed.stderr
-    assert f"resuming {out}: 8 of 16 rows already done" in resumed.stderr
+    assert f"resuming {out}: {done} of {n} rows already done" in resumed.stderr
     info = meta(out)
-    assert info["complete"] is True and info["counts"] == {"ok": 16, "skipped": 0, "pending": 0}
+    assert info["complete"] is True and info["counts"] == {"ok": n, "skipped": 0, "pending": 0}
     assert not (out / ".state").exists()
 
     reference = tmp_path / "uninterrupted"

@@ -7,6 +7,7 @@ here with a reason :func:`describe_error` turns into one short line.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -92,21 +93,41 @@ def _to_rgb(img: Any) -> Any:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _open_regular(path: str | os.PathLike) -> Any:
+    """A binary file object for ``path``, refusing anything but a regular file (a FIFO would block forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO returns at once
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise ValueError(f"not a regular file: {kind}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Any:
-    """Open an image as RGB with EXIF orientation applied; raise ValueError/OSError if bad."""
+    """Open an image as RGB with EXIF orientation applied; raise ValueError/OSError if bad.
+
+    Only regular files are read: a FIFO, socket or device named like an image is refused.
+    """
     from PIL import Image, ImageOps
 
-    with warnings.catch_warnings():
-        # Our own limit below reports bombs as one line; PIL's extra warning would only add noise.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(path)
-    with img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
-        img.load()  # decode now so truncated files fail here, not later
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+    with _open_regular(path) as fh:
+        with warnings.catch_warnings():
+            # Our own limit below reports bombs as one line; PIL's extra warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
+            img.load()  # decode now so truncated files fail here, not later
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
 
 
 def describe_error(exc: BaseException) -> str:
