@@ -162,3 +162,15 @@ def test_writable_dir(tmp_path, mount_tmpfs):
     readonly = mount_tmpfs("1m", ro=True)
     with pytest.raises(files.Failure, match="cannot write to --out .*: read-only file system"):
         files.writable_dir(readonly / "run")
+
+
+def test_a_writer_that_replaces_its_file_still_gets_ordinary_permissions(tmp_path):
+    def recreate(tmp):  # as safetensors' save_file does: a new file at the path it was given
+        os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"weights")
+        os.close(fd)
+
+    files.atomic_save(tmp_path / "w.safetensors", recreate)
+    (tmp_path / "plain.txt").write_text("x")
+    assert stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)

@@ -129,8 +129,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise write_error(exc, path) or exc from None
     os.close(fd)
     try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give what open() would
+        mode = _file_mode(path)
+        os.chmod(tmp, mode)  # mkstemp makes 0600; give what open() would
         yield Path(tmp)
+        os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file they were given
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
