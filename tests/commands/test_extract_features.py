@@ -389,6 +389,17 @@ def test_no_readable_input_at_all_is_a_failure(tmp_path, bad_inputs, resnet18_we
     assert len(index(tmp_path / "feats")) == 5  # the index still says why, row by row
 
 
+def test_max_pixels_accepts_or_refuses_a_large_image(tmp_path, photo_files, resnet18_weights_pth):
+    from PIL import Image
+
+    large = tmp_path / "large.jpg"
+    Image.open(photo_files[0]).resize((1500, 1000)).save(large)  # 1.5 megapixels
+    strict = invoke(large, "-o", tmp_path / "a", *small(resnet18_weights_pth), "--max-pixels", "1000000", "--strict")
+    assert strict.exit_code == EXIT_FAILURE
+    assert "decompression bomb: 1500x1000 pixels exceeds the limit of 1000000 (--max-pixels)" in strict.stderr
+    assert invoke(large, "-o", tmp_path / "b", *small(resnet18_weights_pth), "--max-pixels", "2000000").exit_code == 0
+
+
 def test_strict_fails_on_the_first_bad_file(tmp_path, bad_inputs, resnet18_weights_pth):
     listing, paths, _ = bad_inputs
     result = invoke("--list", listing, "-o", tmp_path / "feats", "-l", "gap", "--strict",

@@ -4,9 +4,10 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from torchtool.core.data.images import MAX_PIXELS
 from torchtool.core.runtime import DEFAULT_WORKERS, INFER_BATCH, TRAIN_BATCH
 
-__all__ = ["DEFAULT_WORKERS", "INFER_BATCH", "TRAIN_BATCH", "given_options"]
+__all__ = ["DEFAULT_WORKERS", "INFER_BATCH", "MAX_PIXELS", "TRAIN_BATCH", "given_options"]
 
 Device = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when available).")
@@ -24,6 +25,8 @@ Json = Annotated[bool, typer.Option("--json", help="Shorthand for --format json.
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of refusing or resuming.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Fail the run on the first unreadable input.")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, metavar="N", help="Images with more pixels are refused "
+                                        "as decompression bombs; raise it to accept a known-large image.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Amp = Annotated[bool, typer.Option("--amp", help="Mixed precision (autocast: bf16 or fp16 where it helps).")]
 Weights = Annotated[

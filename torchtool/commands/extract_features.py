@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.commands._options import (
-    DEFAULT_WORKERS, INFER_BATCH, Amp, Device, Format, Json, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
+    DEFAULT_WORKERS, INFER_BATCH, MAX_PIXELS, Amp, Device, Format, Json, MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
 )
 from torchtool.core import output
 
@@ -49,6 +49,7 @@ def run(
     seed: Seed = 0,
     overwrite: Overwrite = False,
     strict: Strict = False,
+    max_pixels: MaxPixels = MAX_PIXELS,
     quiet: Quiet = False,
     format: Format = "table",
     json_: Json = False,
@@ -74,6 +75,7 @@ def run(
         inputs=inputs or [], model=model, weights=weights, layers=layer, pool=pool, normalize=normalize, dtype=dtype,
         out=str(out), list_file=str(list_file) if list_file else None, batch_size=batch_size, workers=workers,
         device=device, amp=amp, image_size=image_size, resize=resize, overwrite=overwrite, strict=strict,
+        max_pixels=max_pixels,
         quiet=quiet, seed=seed,
     )
     summary = run_extraction(config)

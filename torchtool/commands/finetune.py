@@ -7,8 +7,9 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from torchtool.commands._options import (DEFAULT_WORKERS, TRAIN_BATCH, Amp, BatchSize, Device, Format, Json, ModelName,
-                                         Overwrite, Quiet, Seed, Strict, Weights, Workers, given_options)
+from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, TRAIN_BATCH, Amp, BatchSize, Device, Format, Json,
+                                         MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
+                                         given_options)
 from torchtool.core import output
 
 Recipe = "Recipes"
@@ -101,6 +102,7 @@ def run(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to OUT/tensorboard.",
                                               rich_help_panel=Run)] = False,
     strict: Strict = False,
+    max_pixels: MaxPixels = MAX_PIXELS,
     format: Format = "table",
     json_: Json = False,
     quiet: Quiet = False,
@@ -124,7 +126,7 @@ def run(
         label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, l1=l1, clip_grad_norm=clip_grad_norm,
         schedule=schedule, milestones=_milestones(milestones), gamma=gamma, warmup_epochs=warmup_epochs,
         plateau_patience=plateau_patience, patience=patience, seed=seed, deterministic=deterministic, amp=amp,
-        sync_bn=sync_bn, device=device, strict=strict)
+        sync_bn=sync_bn, device=device, strict=strict, max_pixels=max_pixels)
     summary = fit(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
                   export=str(export_weights) if export_weights else None, given=given_options(ctx))
     output.emit(summary, fmt)

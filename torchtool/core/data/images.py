@@ -124,7 +124,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Any:
         with img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
+                raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels} (--max-pixels)")
             img.load()  # decode now so truncated files fail here, not later
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from torchtool.core import infer, runtime
-from torchtool.core.data.images import find_images
+from torchtool.core.data.images import MAX_PIXELS, find_images
 from torchtool.core.data.loading import ImageDataset, cap_workers, make_loader
 from torchtool.core.data.transforms import CenterCrop, Normalize
 from torchtool.core.features.extractor import FeatureExtractor
@@ -52,6 +52,7 @@ class ExtractConfig:
     resize: int | None = None
     overwrite: bool = False
     strict: bool = False
+    max_pixels: int = MAX_PIXELS
     quiet: bool = False
     seed: int = 0
 
@@ -166,7 +167,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
     # is normalised on the device, one forward gives every layer, rows are written as they come
     crop = preprocess.crop_size
     dataset = ImageDataset([paths[i] for i in todo], CenterCrop(crop, preprocess.resize_size, preprocess.interpolation),
-                           fallback_shape=(crop, crop, 3), fallback_dtype="uint8")
+                           fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=cfg.max_pixels)
     loader = make_loader(dataset, cfg.batch_size or runtime.default_batch_size(dev), cap_workers(cfg.workers),
                          pin_memory=dev.type == "cuda")
     bad = infer.BadInputs(dataset.paths, cfg.strict)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from torchtool.core.data.images import MAX_PIXELS
 from torchtool.core.output import UsageError
 from torchtool.core.runtime import DEFAULT_WORKERS, TRAIN_BATCH
 
@@ -17,7 +18,7 @@ DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 AUGMENTS = ("standard", "light", "none")
 # Settings that may change on --resume without changing the result, and settings that cannot change.
-RESUMABLE = ("data", "out", "device", "workers", "strict")
+RESUMABLE = ("data", "out", "device", "workers", "strict", "max_pixels")
 FIXED_ON_RESUME = ("model", "optimizer", "freeze_backbone", "decay_all")
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     sync_bn: bool = False
     device: str = "auto"
     strict: bool = False
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         # Resolve defaults so the stored config holds the values actually used.

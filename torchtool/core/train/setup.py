@@ -141,10 +141,10 @@ def loaders(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> Loa
     fallback = (3, pre.crop_size, pre.crop_size)
     tf = augment.train_transform(cfg.augment, pre.crop_size, pre.resize_size, pre.mean, pre.std, pre.interpolation,
                                  cfg.rcm, cfg.rcm_neighbour)
-    train = SeededSamples(ImageDataset(s.train_paths, tf, s.train_targets, fallback), cfg.seed)
+    train = SeededSamples(ImageDataset(s.train_paths, tf, s.train_targets, fallback, cfg.max_pixels), cfg.seed)
     # DistributedSampler also with one process: the epoch's order depends on (seed, epoch) only.
     sampler = EpochSampler(DistributedSampler(train, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed))
-    val = Subset(ImageDataset(s.val_paths, preprocess_transform(pre), s.val_targets, fallback),
+    val = Subset(ImageDataset(s.val_paths, preprocess_transform(pre), s.val_targets, fallback, cfg.max_pixels),
                  shard(len(s.val_paths), dist.rank, dist.world_size))
     pin = device.type == "cuda"
     # A loader-owned generator: creating iterators must not draw from the global one (resume exactness).
