@@ -174,3 +174,16 @@ def test_a_writer_that_replaces_its_file_still_gets_ordinary_permissions(tmp_pat
     files.atomic_save(tmp_path / "w.safetensors", recreate)
     (tmp_path / "plain.txt").write_text("x")
     assert stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+
+
+def test_the_run_lock_clears_a_killed_runs_temporary_files(tmp_path):
+    (tmp_path / "run").mkdir()
+    stale = tmp_path / "run" / ".last.pth.k3j2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with files.run_lock(tmp_path / "run"):
+        assert not stale.exists() and (tmp_path / "run" / "keep.txt").exists()
+        with pytest.raises(files.Failure, match="is in use by another torchtool run"):
+            with files.run_lock(tmp_path / "run"):
+                pass
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]

@@ -178,7 +178,8 @@ def run_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator[Path]:
 
     An advisory ``flock`` on ``folder/.torchtool.lock`` (created with the folder): the kernel
     drops it when the process dies, however it dies, so a killed run blocks nothing. Under
-    torchrun only rank 0 takes it (``enabled``): the ranks of one job are one run.
+    torchrun only rank 0 takes it (``enabled``): the ranks of one job are one run. Holding it,
+    the temporary files a killed run's atomic writes left behind (``.*.tmp``) are removed.
     """
     folder = Path(folder)
     if not enabled:
@@ -198,6 +199,9 @@ def run_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator[Path]:
                       hint="wait for it to finish, or choose another --out") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    for stale in folder.glob(".*.tmp"):  # a killed run's half-written file: nobody else writes here now
+        with contextlib.suppress(OSError):
+            stale.unlink()
     try:
         yield folder
     finally:
