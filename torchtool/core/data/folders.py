@@ -9,6 +9,7 @@ scikit-learn's stratified ``train_test_split``.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +65,7 @@ def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tupl
     """
     from sklearn.model_selection import train_test_split
 
-    counts: dict[int, int] = {}
-    for t in targets:
-        counts[t] = counts.get(t, 0) + 1
+    counts = Counter(targets)
     lone = [i for i, t in enumerate(targets) if counts[t] < 2]
     rest = [i for i, t in enumerate(targets) if counts[t] >= 2]
     if not rest:
@@ -100,10 +99,8 @@ def find_splits(data: str | Path, val_split: float | None, seed: int) -> Splits:
     train_root = root / "train" if (root / "train").is_dir() else root
     val_root = root / "val"
     paths, targets, classes = _scan(train_root, "training")
-    counts = [0] * len(classes)
-    for t in targets:
-        counts[t] += 1
-    empty = [c for c, n in zip(classes, counts) if n == 0]
+    counts = Counter(targets)
+    empty = [c for i, c in enumerate(classes) if not counts[i]]
     if empty:
         raise UsageError(f"{len(empty)} class folder(s) without images in {train_root}: {', '.join(empty[:10])}",
                          hint="remove the empty folders or add images to them")

@@ -151,8 +151,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
                                   "dtype": cfg.dtype} for lay in layers},
             "pooling": {lay.name: lay.pool for lay in layers}, "normalize": cfg.normalize,
             "preprocess": preprocess.to_dict(), "rows": len(paths), "config": asdict(cfg), "versions": _versions()}
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # run_lock made OUT
         atomic_write_text(out / "meta.json", to_json(meta))  # first, so a killed run is never taken as done
         store = FeatureStore(out, len(paths), shapes, cfg.dtype, create=not resuming, rank=0)
     dist.barrier()

@@ -86,14 +86,14 @@ class RowFile:
                              hint="pass --overwrite to start afresh")
         self.path, self.shape, self.dtype, self.offset = path, tuple(shape), np.dtype(dtype), header.offset
         del header  # only its layout was wanted: no mapping stays open
-        self.row_bytes = self.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        self.row_bytes = self.nbytes(self.shape[1:], self.dtype)
         self.fd = os.open(path, os.O_RDWR)
         if create:  # the space is taken now: a full disk fails here, not half-way through the run
-            reserve(self.fd, self.offset + self.row_bytes * self.shape[0], path)
+            reserve(self.fd, self.offset + self.nbytes(self.shape, self.dtype), path)
 
     @staticmethod
     def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
-        """The file size of an array of ``shape`` (without the small header)."""
+        """The bytes of an array of ``shape`` (a file's size without its small header)."""
         return np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
