@@ -240,8 +240,8 @@ def test_unknown_layer_fails_before_any_image_is_read(tmp_path, photos_dir, resn
     ("args", "message"),
     [(["--pool", "median"], "unknown pooling 'median'"), (["-l", "gap:median"], "unknown pooling 'median'"),
      (["-l", "gap", "-l", "gap"], None), (["-l", "gap,gap:avg"], None),
-     (["-l", "layer3,layer3:avg"], "a layer is requested twice")],
-    ids=["pool", "layer-pool", "duplicate-merged", "duplicate-same-pool", "duplicate-pools"],
+     (["-l", "layer3,layer3:avg"], "a layer is requested twice"), (["--batch-size", str(2**64)], "--batch-size")],
+    ids=["pool", "layer-pool", "duplicate-merged", "duplicate-same-pool", "duplicate-pools", "batch-past-maxsize"],
 )
 def test_layer_and_pool_mistakes(tmp_path, photo_files, resnet18_weights_pth, args, message):
     out = tmp_path / "feats"

@@ -225,8 +225,9 @@ def test_an_epoch_without_one_readable_image_fails(digits4, tmp_path):
     assert not (tmp_path / "run" / "last.pth").exists()
 
 
-@pytest.mark.parametrize("args", [["--lr", "nan"], ["--weight-decay", "inf"], ["--schedule", "step", "--milestones", "0"]],
-                         ids=["lr-nan", "wd-inf", "milestone-0"])
+@pytest.mark.parametrize("args", [["--lr", "nan"], ["--weight-decay", "inf"], ["--schedule", "step", "--milestones", "0"],
+                                  ["--batch-size", str(2**64)]],
+                         ids=["lr-nan", "wd-inf", "milestone-0", "batch-past-maxsize"])
 def test_values_are_checked_before_out_exists(digits4, tmp_path, args):
     result = invoke(digits4, "--out", tmp_path / "run", *SMALL, *args)
     assert result.exit_code == 2, result.output

@@ -5,14 +5,17 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.core.data.images import MAX_PIXELS
-from torchtool.core.runtime import DEFAULT_WORKERS, INFER_BATCH, TRAIN_BATCH
+from torchtool.core.runtime import DEFAULT_WORKERS, INFER_BATCH, MAX_BATCH, TRAIN_BATCH
 
 __all__ = ["DEFAULT_WORKERS", "INFER_BATCH", "MAX_PIXELS", "TRAIN_BATCH", "given_options"]
 
 Device = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when available).")
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH, help="Images per batch.")]
+InferBatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", "-b", min=1, max=MAX_BATCH, show_default=False,
+    help=f"Images per batch (default: {INFER_BATCH['accelerator']} on a GPU, {INFER_BATCH['cpu']} on CPU).")]
 Workers = Annotated[
     int, typer.Option("--workers", "-j", min=0, help="Data-loading worker processes (0: load in the main process).")
 ]

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.commands._options import (
-    DEFAULT_WORKERS, INFER_BATCH, MAX_PIXELS, Amp, Device, Format, Json, MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
+    DEFAULT_WORKERS, MAX_PIXELS, Amp, Device, Format, InferBatchSize, Json, MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
 )
 from torchtool.core import output
 
@@ -39,10 +39,7 @@ def run(
     ] = False,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Crop size (default: the weights').")] = None,
     resize: Annotated[Optional[int], typer.Option("--resize", min=16, help="Resize the short side to this before cropping.")] = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", min=1, help=f"Images per batch (default: {INFER_BATCH['accelerator']} on "
-                     f"a GPU, {INFER_BATCH['cpu']} on CPU).")
-    ] = None,
+    batch_size: InferBatchSize = None,
     workers: Workers = DEFAULT_WORKERS,
     device: Device = "auto",
     amp: Amp = False,

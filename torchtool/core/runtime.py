@@ -28,6 +28,14 @@ DEFAULT_WORKERS = min(available_cpus(), 8)
 # resnet18 at 64), 64 on GPUs. Training keeps one default everywhere, so results do not depend on it.
 INFER_BATCH = {"cpu": 16, "accelerator": 64}
 TRAIN_BATCH = 64
+# Past this no batch fits any memory; torch's samplers fail on one past sys.maxsize with an islice error.
+MAX_BATCH = 1 << 20
+
+
+def check_batch_size(batch_size: int | None) -> None:
+    """A usage error for a batch size that no run can use (checked before anything is created)."""
+    if batch_size is not None and not 1 <= batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch-size {batch_size} must be between 1 and {MAX_BATCH}")
 
 
 def default_batch_size(device: Any) -> int:

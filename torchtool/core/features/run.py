@@ -115,6 +115,7 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.dtype not in ("float32", "float16"):
         raise UsageError(f"unknown --dtype {cfg.dtype!r}", hint="choose float32 or float16")
+    runtime.check_batch_size(cfg.batch_size)
     default_pool, per_layer_pool = parse_pools(cfg.pool)
     layer_names = split_layers(cfg.layers)
     with runtime.distributed(cfg.device) as dist, contextlib.ExitStack() as held:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torchtool.core.data.images import MAX_PIXELS
 from torchtool.core.output import UsageError
-from torchtool.core.runtime import DEFAULT_WORKERS, TRAIN_BATCH
+from torchtool.core.runtime import DEFAULT_WORKERS, TRAIN_BATCH, check_batch_size
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "multistep", "plateau", "none")
@@ -79,6 +79,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
+        check_batch_size(self.batch_size)
         if any(m < 1 for m in self.milestones):
             raise UsageError(f"--milestones {','.join(map(str, self.milestones))}: epochs count from 1")
         self.lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
