@@ -138,6 +138,7 @@ def test_resume_keeps_the_runs_settings_and_takes_only_the_options_given(digits4
     assert (config["optimizer"], config["lr"], config["label_smoothing"], config["image_size"]) == \
         ("adamw", 0.002, 0.1, 32)
     assert "epochs 2 -> 3" in more.stderr and "optimizer" not in more.stderr  # only what changed is reported
+    assert "differ from those the run started with" not in more.stderr  # the same images
     lrs = [float(line.split(",")[5]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     # epochs 1-2 on a 2-epoch cosine, epoch 3 where a 3-epoch cosine would be (not restarting, not flat at 0)
     assert lrs == pytest.approx([0.002, 0.001, 0.002 * (1 + math.cos(2 * math.pi / 3)) / 2])
@@ -156,6 +157,23 @@ def test_resume_with_an_option_equal_to_its_default_takes_it(digits4, tmp_path):
     assert "epochs 2 -> 10" in more.stderr
     # Options left out keep the run's values, whatever their defaults: --image-size stays 32.
     assert load_checkpoint(out / "last.pth")["config"]["image_size"] == 32
+
+
+def test_resume_says_when_the_images_changed(digits4, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(digits4, data)
+    assert invoke(data, "--out", out, *SMALL).exit_code == 0
+    first = sorted((data / "train" / "0").iterdir())
+    shutil.copy(first[0], data / "train" / "1" / "new-a.png")
+    shutil.copy(first[1], data / "train" / "2" / "new-b.png")
+    first[2].unlink()
+    (data / "val" / "3" / "extra.png").write_bytes(first[3].read_bytes())
+    more = invoke(data, "--out", out, "--resume", "--epochs", "2", "--workers", "0", "--device", "cpu", "--quiet")
+    assert more.exit_code == 0, more.output
+    assert (f"the images in {data} differ from those the run started with (train: 2 added, 1 removed; "
+            "val: 1 added, 0 removed)") in more.stderr
+    files = load_checkpoint(out / "last.pth")["image_files"]  # the resumed run records what it trained on now
+    assert "1/new-a.png" in files["train"] and "0/" + first[2].name not in files["train"] and "3/extra.png" in files["val"]
 
 
 def test_warmup_as_long_as_the_run_warms_up_the_whole_run(digits4, tmp_path):

@@ -30,7 +30,23 @@ class Splits:
     val_paths: list[Path]
     val_targets: list[int]
     val_dir: Path  # absolute; with --val-split this is DATA itself and val_files lists the held-out images
+    train_dir: Path  # absolute: DATA/train, or DATA itself
     val_files: list[str] | None = None
+
+    def image_files(self) -> dict[str, list[str]]:
+        """Both splits' images relative to their folders (recorded in checkpoints; DATA may move)."""
+        return {"train": [os.fsdecode(p.relative_to(self.train_dir)) for p in self.train_paths],
+                "val": [os.fsdecode(p.relative_to(self.val_dir)) for p in self.val_paths]}
+
+
+def changed_files(before: dict[str, list[str]], now: dict[str, list[str]]) -> list[str]:
+    """"train: 3 added, 1 removed"-style lines for each split whose image files differ."""
+    lines = []
+    for split in ("train", "val"):
+        old, new = set(before.get(split, ())), set(now.get(split, ()))
+        if old != new:
+            lines.append(f"{split}: {len(new - old)} added, {len(old - new)} removed")
+    return lines
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
@@ -116,7 +132,7 @@ def find_splits(data: str | Path, val_split: float | None, seed: int) -> Splits:
             raise UsageError(f"validation class(es) unknown to training: {', '.join(unknown[:10])}",
                              hint=f"every folder in {val_root} needs a folder of the same name in {train_root}")
         remap = [classes.index(c) for c in vclasses]
-        return Splits(classes, paths, targets, vpaths, [remap[t] for t in vtargets_local], val_root)
+        return Splits(classes, paths, targets, vpaths, [remap[t] for t in vtargets_local], val_root, train_root)
     if val_split is None:
         where = "DATA/val" if train_root != root else "DATA/train and DATA/val"
         raise UsageError(f"no validation images: {root} has no {where}", hint="pass --val-split 0.2 to hold out 20%")
@@ -124,4 +140,4 @@ def find_splits(data: str | Path, val_split: float | None, seed: int) -> Splits:
     if not va:
         raise UsageError(f"--val-split {val_split} leaves no validation images", hint="use more images per class")
     return Splits(classes, [paths[i] for i in tr], [targets[i] for i in tr], [paths[i] for i in va],
-                  [targets[i] for i in va], train_root, [str(paths[i].relative_to(train_root)) for i in va])
+                  [targets[i] for i in va], train_root, train_root, [str(paths[i].relative_to(train_root)) for i in va])

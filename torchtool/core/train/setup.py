@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from torchtool.core.data.folders import find_splits
+from torchtool.core.data.folders import changed_files, find_splits
 from torchtool.core.data.loading import EpochSampler, ImageDataset, SeededSamples, cap_workers, make_loader, shard
 from torchtool.core.data.transforms import preprocess_transform
 from torchtool.core.files import LOCK_NAME, check_writable, run_lock, writable_dir
@@ -56,11 +56,16 @@ def prepare(cfg: TrainConfig, dist: Dist, held: contextlib.ExitStack, *, resume:
             raise UsageError(f"--export-weights {export} must end in .safetensors")
         check_writable(export_path, overwrite or resume)  # a resumed run may replace its own export
     weights = None
+    image_files = splits.image_files()
     if checkpoint is not None:
         arch = checkpoint["arch"]
         if list(checkpoint["classes"]) != splits.classes:
             raise UsageError("the data's classes differ from the checkpoint's",
                              hint="resume with the same DATA the run started with")
+        changed = changed_files(checkpoint["image_files"], image_files) if "image_files" in checkpoint else []
+        if changed:
+            warn(f"the images in {cfg.data} differ from those the run started with ({'; '.join(changed)}): "
+                 "the resumed run will not match an uninterrupted one")
     else:
         if not cfg.model and not (cfg.weights.lower() != "none" and Path(cfg.weights).expanduser().is_file()):
             raise UsageError("--model is required", hint="e.g. --model resnet18, or --weights a torchtool checkpoint")
@@ -87,7 +92,7 @@ def prepare(cfg: TrainConfig, dist: Dist, held: contextlib.ExitStack, *, resume:
     dist.barrier()  # every rank has looked at OUT before rank 0 writes to it
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    return Run(cfg, out, splits, arch, weights, checkpoint, export_path, tensorboard)
+    return Run(cfg, out, splits, arch, weights, checkpoint, export_path, tensorboard, image_files=image_files)
 
 
 def build(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> tuple[Step, EpochSchedule, nn.Module]:

@@ -4,7 +4,8 @@ Checkpoints are plain dicts of tensors and plain types (``torch.load(weights_onl
 reads them) written atomically to OUT/last.pth every epoch; OUT/best.pth is a hard link
 to (or a copy of) the epoch's last.pth when validation accuracy improves. Keys: arch,
 classes, model, preprocess, config, epoch (epochs finished), best_metric, best_epoch,
-optimizer, scheduler, scaler, rng (one entry per process), val_dir, val_files, history.
+optimizer, scheduler, scaler, rng (one entry per process), val_dir, val_files, image_files (both
+splits' files, so --resume can tell when the data changed), history.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Run:
     export: Path | None
     tensorboard: bool
     preprocess: Preprocess | None = None
+    image_files: dict[str, list[str]] | None = None  # splits.image_files(), computed once per run
 
 
 def load_resume(out: Path, resume_from: str | None, quiet: bool = False) -> dict[str, Any] | None:
@@ -139,7 +141,7 @@ def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epo
              "preprocess": run.preprocess.to_dict(), "config": asdict(run.cfg), "epoch": epoch,
              "best_metric": best[0], "best_epoch": best[1], "optimizer": step.optimizer.state_dict(),
              "scheduler": schedule.state_dict(), "scaler": step.scaler.state_dict(), "rng": rng,
-             "val_dir": str(s.val_dir), "val_files": s.val_files, "history": history}
+             "val_dir": str(s.val_dir), "val_files": s.val_files, "image_files": run.image_files, "history": history}
     last = save_checkpoint(run.out / "last.pth", state)
     if improved:
         with atomic_path(run.out / "best.pth") as tmp:
