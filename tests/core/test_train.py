@@ -138,6 +138,25 @@ def test_plateau_watches_validation_accuracy_after_warmup():
     assert _lrs(cfg, accs) == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025], rel=1e-9)
 
 
+def test_library_warnings_are_said_once_in_our_words(tmp_path, capsys):
+    import warnings
+
+    from torchtool.core.train.plots import plot_curves
+
+    cfg = TrainConfig(data=".", out=".", lr=0.1, epochs=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _lrs(cfg)  # no optimizer step at all: what fp16 mixed precision does when every step overflows
+        # a loss of exactly 0 and a validation loss that is NaN: matplotlib would refuse the log axis
+        rows = [{"epoch": e, "train_loss": 0.0, "val_loss": math.nan, "train_acc": 1.0, "val_acc": 0.5, "lr": 0.1}
+                for e in (1, 2)]
+        plot_curves(rows, tmp_path / "curves.png")
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert err.count("torchtool: epoch 1 took no optimizer step") == 1 and "lr_scheduler" not in err
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_schedule_state_round_trips():
     cfg = TrainConfig(data=".", out=".", lr=0.1, epochs=8, warmup_epochs=2, schedule="cosine")
     full = _lrs(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,11 +39,13 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation", ms=3)
         ax.set_title(title)
         ax.legend()
-    loss.set_yscale("log")  # losses fall by orders of magnitude; a linear axis flattens all but the start
-    # Plain-text tick labels: matplotlib's default 10^x labels go through mathtext, whose parser keeps
-    # exceptions (and with them the caller's frames, the training loop's included) alive until a GC.
-    loss.yaxis.set_major_formatter(_plain_log_formatter())
-    loss.yaxis.set_minor_formatter(_plain_log_formatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+    losses = [v for r in history for v in (r["train_loss"], r["val_loss"]) if math.isfinite(v)]
+    if losses and min(losses) > 0:  # a loss of 0 (or none at all) has no place on a log axis
+        loss.set_yscale("log")  # losses fall by orders of magnitude; a linear axis flattens all but the start
+        # Plain-text tick labels: matplotlib's default 10^x labels go through mathtext, whose parser keeps
+        # exceptions (and with them the caller's frames, the training loop's included) alive until a GC.
+        loss.yaxis.set_major_formatter(_plain_log_formatter())
+        loss.yaxis.set_minor_formatter(_plain_log_formatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
     lr.plot(epochs, [r["lr"] for r in history], "o-", color="tab:green", ms=3)
     lr.set_title("learning rate")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

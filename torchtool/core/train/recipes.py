@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from torchtool.core.output import warn
 from torchtool.core.train.config import TrainConfig
+
+# torch's warning when a scheduler steps before its optimizer ever did (said in our words instead)
+_NO_STEP_YET = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -95,6 +102,25 @@ class EpochSchedule:
 
     def step(self, val_acc: float) -> None:
         """Call after each epoch: sets the learning rate of the next one."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self._step(val_acc)
+        for w in caught:
+            if str(w.message).startswith(_NO_STEP_YET):
+                # fp16 mixed precision skips the steps whose gradients overflow; an epoch can skip them all
+                warn(f"epoch {self.epochs_done} took no optimizer step (every step was skipped, e.g. mixed-precision "
+                     "gradients that overflowed): the schedule moves on as planned")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def replay(self, val_accs: Iterable[float]) -> None:
+        """Step through finished epochs without their optimizer steps (a resume with a changed schedule)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=re.escape(_NO_STEP_YET))
+            for acc in val_accs:
+                self._step(acc)
+
+    def _step(self, val_acc: float) -> None:
         self.epochs_done += 1
         if self.plateau:
             if self.epochs_done <= self.warmup_epochs:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -113,10 +112,7 @@ def restore(checkpoint: dict[str, Any] | None, cfg: TrainConfig, step: Step, sch
         for group, new in zip(step.optimizer.param_groups, fresh):
             group.update(new, lr=new["initial_lr"])
         schedule = EpochSchedule(step.optimizer, cfg)
-        with warnings.catch_warnings():  # replaying without optimizer steps is the point here
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler", category=UserWarning)
-            for row in history:
-                schedule.step(row["val_acc"])
+        schedule.replay(row["val_acc"] for row in history)
     else:
         schedule.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
