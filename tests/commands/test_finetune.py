@@ -309,6 +309,22 @@ def test_unreadable_images_exit_3_and_strict_exit_1(digits4, tmp_path):
     assert "cannot read" in strict.stderr and "zz_" in strict.stderr and "Traceback" not in strict.stderr
 
 
+def test_fifos_and_folders_named_like_images_are_skipped_not_waited_for(run_torchtool, digits4, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits4, data)
+    os.mkfifo(data / "train" / "1" / "stalled.png")  # opening it for reading would block forever
+    os.mkfifo(data / "val" / "2" / "stalled.png")
+    (data / "train" / "3" / "folder.png").mkdir()  # walked (it is empty), never opened as an image
+    args = [a for a in SMALL if a != "--quiet"]
+    proc = run_torchtool("finetune", str(data), "--out", str(tmp_path / "run"), *args, "--workers", "1", "--json",
+                         timeout=180)
+    assert proc.returncode == 3, proc.stderr
+    skipped = {s["path"]: s["error"] for s in json.loads(proc.stdout)["skipped"]}
+    assert skipped == {str(data / "train" / "1" / "stalled.png"): "not a regular file: a FIFO",
+                       str(data / "val" / "2" / "stalled.png"): "not a regular file: a FIFO"}
+    assert "2 unreadable image(s) skipped (1 training, 1 validation)" in proc.stderr
+
+
 def test_tensorboard_missing_says_how_to_install(digits4, tmp_path):
     if importlib.util.find_spec("tensorboard"):
         pytest.skip("tensorboard is installed here")
