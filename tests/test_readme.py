@@ -1,0 +1,161 @@
+"""Every command line in the README runs as written, so the README cannot drift from the tool.
+
+Each ``torchtool ...`` line of the README's ``sh`` blocks (pipes, redirects and ``\\``
+continuations included) runs through bash in one working folder that holds what the
+examples name (imgs/, more.jpg, data/, photos/, paths.txt). What this machine cannot have
+is replaced, and nothing else:
+
+- pretrained weights: random-init state_dicts of each architecture the lines name are put
+  where torchvision's cache expects the downloads (TORCH_HOME), so ``DEFAULT`` loads them;
+- the work's size: ``torchtool`` on PATH is a small script that appends options making the
+  run small (one epoch, 32 px, the CPU); options given later win in click, so the line's own
+  options are still parsed and checked;
+- lines that need several GPUs (``torchrun --nproc-per-node 4 ... --device cuda``) are
+  skipped unless there are that many.
+
+Each line is its own example: the default output folder (features/) is removed before each
+one; a ``--resume`` line continues the run of the line before it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Appended to each command (click takes the last value of an option given twice).
+SMALL = {
+    "extract-features": ["--image-size", "64", "--workers", "0", "--device", "cpu"],
+    "finetune": ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"],
+}
+
+
+def readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
+def command_lines() -> list[str]:
+    """The README's shell lines that run torchtool, continuations joined, comments kept out."""
+    lines = []
+    for block in readme_blocks("sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            code = line.split(" #", 1)[0].strip()
+            words = code.split()
+            if words and (words[0] in ("torchtool", "torchrun") or "| torchtool " in code):
+                lines.append(code)
+    return lines
+
+
+LINES = command_lines()
+
+
+def gpus_needed(line: str) -> int:
+    """GPUs a line needs to succeed: --min-gpus N, one for --require cuda/cudnn, N for torchrun on CUDA."""
+    if "torchrun" in line and "cuda" in line:
+        return int(re.search(r"--nproc[-_]per[-_]node[ =](\d+)", line).group(1))
+    if m := re.search(r"--min-gpus (\d+)", line):
+        return int(m.group(1))
+    return 1 if re.search(r"--require (cuda|cudnn)", line) else 0
+
+
+def architectures(lines: list[str]) -> set[str]:
+    """The models whose DEFAULT weights the lines load (resnet18 is the default model)."""
+    archs = {"resnet18"}
+    for line in lines:
+        archs.update(re.findall(r"(?:--model|-m) (\w+)", line))
+    return archs - {"torchtool"}  # python -m torchtool
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
+    """The examples' inputs, a TORCH_HOME holding local 'pretrained' weights, and the small torchtool."""
+    import shutil
+
+    import torch
+    import torchvision
+
+    from tests.finetune_data import write_photo_classes
+
+    root = tmp_path_factory.mktemp("readme")
+    work = root / "work"
+    (work / "imgs").mkdir(parents=True)
+    for photo in photo_files[:4]:
+        shutil.copy(photo, work / "imgs" / photo.name)
+    shutil.copy(photo_files[4], work / "more.jpg")
+    (work / "paths.txt").write_text("".join(f"{p}\n" for p in sorted((work / "imgs").iterdir())))
+    write_photo_classes(work / "data", size=48)  # data/train/<class>, data/val/<class>: JPEGs
+    shutil.copytree(work / "data" / "train", work / "photos")  # photos/<class>/ for --val-split
+
+    checkpoints = root / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for arch in sorted(architectures(LINES)):
+        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+        torch.manual_seed(0)
+        state = torchvision.models.get_model(arch, weights=None).state_dict()
+        # half precision: half the bytes to write and read; load_state_dict converts back to float32
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+                   checkpoints / os.path.basename(url))
+
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    small = bin_dir / "torchtool"
+    small.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import sys
+        from torchtool.cli import entry
+        SMALL = {SMALL!r}
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        sys.argv += SMALL.get(command, [])
+        entry()
+        """))
+    small.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHTOOL_DEBUG"}
+    env.update(TORCH_HOME=str(root / "torch_home"), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    return work, env
+
+
+def test_the_readme_has_examples_of_every_command():
+    from torchtool.cli import app
+
+    shown = {re.match(r"(?:.*\| )?(?:torchrun .*-m )?torchtool (\S+)", line).group(1) for line in LINES}
+    commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    assert commands - {"demo"} <= shown, f"no README example for: {sorted(commands - shown)}"
+
+
+def test_every_readme_command_line_runs_as_written(workdir):
+    import shutil
+
+    import torch
+
+    work, env = workdir
+    gpus = torch.cuda.device_count()
+    failures, ran = [], 0
+    for line in LINES:
+        needed = gpus_needed(line)
+        if line.startswith("torchrun") and needed > gpus:
+            continue  # several GPUs (tests/commands run torchrun on the CPU with gloo)
+        shutil.rmtree(work / "features", ignore_errors=True)
+        proc = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        ran += 1
+        expected = 1 if needed > gpus else 0
+        errors = [e for e in proc.stderr.splitlines() if e.startswith("torchtool: error:")]
+        if proc.returncode != expected or "Traceback" in proc.stderr or (expected and len(errors) != 1):
+            failures.append(f"$ {line}\n  exit {proc.returncode} (expected {expected})\n"
+                            + textwrap.indent(proc.stderr[-1500:], "  "))
+    assert not failures, "README lines that do not run as written:\n" + "\n".join(failures)
+    assert ran >= len(LINES) - 2
+
+
+def test_the_readme_python_example_runs(workdir):
+    work, env = workdir
+    (example,) = [b for b in readme_blocks("python") if "FeatureExtractor" in b]
+    proc = subprocess.run([sys.executable, "-c", example + "\nprint({k: tuple(v.shape) for k, v in feats.items()}, "
+                           "tuple(pooled.shape))"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "{'relu5_3': (8, 512, 14, 14), 'fc7': (8, 4096)} (8, 262144)"
