@@ -18,6 +18,7 @@ COMMANDS = {
     "env-info": "env_info",
     "finetune": "finetune",
     "extract-features": "extract_features",
+    "evaluate": "evaluate",
 }
 
 app = typer.Typer(

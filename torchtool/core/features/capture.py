@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchtool.core.models.fuse import fold_batchnorm
 from torchtool.core.output import UsageError
 
 
@@ -64,9 +65,7 @@ class Capture(nn.Module):
             body = create_feature_extractor(model, return_nodes={n: n for n in set(self.nodes.values())})
             _protect_outputs(body)
             if fold_bn:
-                from torch.fx.experimental.optimization import fuse
-
-                body = fuse(body, inplace=True, no_trace=True)  # new convs; the model keeps its own
+                body = fold_batchnorm(body, traced=True)  # new convs; the model keeps its own
             self.body, self.mode = body, "fx"
         except Exception:
             self.body, self.mode = model, "hooks"

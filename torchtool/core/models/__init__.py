@@ -6,6 +6,7 @@
 - :mod:`~torchtool.core.models.checkpoint`: torchtool checkpoints, state_dict/.safetensors files (safe loads).
 - :mod:`~torchtool.core.models.heads`: find and replace the classification head.
 - :mod:`~torchtool.core.models.build`: :func:`build_model`, all of the above in one call.
+- :mod:`~torchtool.core.models.fuse`: BatchNorm folded into convolutions for inference.
 
 Importing this package imports no torch; each function imports it when called.
 """

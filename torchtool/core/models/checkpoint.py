@@ -77,6 +77,7 @@ class WeightsFile:
     arch: str | None = None
     classes: list[str] | None = None
     preprocess: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None  # a finetune checkpoint's val_dir and val_files
 
 
 def read_weights_file(path: str | os.PathLike) -> WeightsFile:
@@ -103,7 +104,8 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
 
     obj = load_checkpoint(path)
     if is_torchtool_checkpoint(obj):
-        return WeightsFile(path, obj["model"], obj.get("arch"), obj.get("classes"), obj.get("preprocess"))
+        validation = {"val_dir": obj["val_dir"], "val_files": obj.get("val_files")} if obj.get("val_dir") else None
+        return WeightsFile(path, obj["model"], obj.get("arch"), obj.get("classes"), obj.get("preprocess"), validation)
     if isinstance(obj, dict):
         for key in _NESTED_KEYS:
             if isinstance(obj.get(key), dict):
