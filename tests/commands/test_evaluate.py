@@ -1,0 +1,197 @@
+"""torchtool evaluate end to end: checkpoints of real digit runs, prediction files, bad inputs, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.commands.test_extract_features import Payload
+from tests.finetune_data import add_broken_images, write_digits
+from torchtool.cli import app
+from torchtool.core.models.checkpoint import load_checkpoint
+
+runner = CliRunner()
+TRAIN = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "16",
+         "--workers", "0", "--augment", "none", "--device", "cpu", "--epochs", "2", "--quiet"]
+FAST = ["--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, checkpoint): 4 digits in DATA/train and DATA/val (5 val images each: 20, odd per process of 3)."""
+    root = tmp_path_factory.mktemp("eval_split")
+    data = write_digits(root / "data", labels=range(4), train_per_class=20, val_per_class=5)
+    result = invoke("finetune", data, "--out", root / "run", *TRAIN)
+    assert result.exit_code == 0, result.output
+    return data, root / "run" / "best.pth"
+
+
+@pytest.fixture(scope="module")
+def val_split_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, checkpoint): 3 digits in DATA/<class>/, 21 images each, trained with --val-split 0.2."""
+    root = tmp_path_factory.mktemp("eval_flat")
+    data = write_digits(root / "data", labels=range(3), train_per_class=21, val_per_class=0, layout="flat")
+    result = invoke("finetune", data, "--out", root / "run", "--val-split", "0.2", *TRAIN)
+    assert result.exit_code == 0, result.output
+    return data, root / "run" / "best.pth"
+
+
+def test_a_val_split_checkpoint_alone_gives_the_report_and_its_files(val_split_run, tmp_path):
+    data, ckpt = val_split_run
+    files = {"--csv": tmp_path / "report.csv", "--confusion-csv": tmp_path / "cm.csv", "--plot": tmp_path / "cm.png",
+             "--save-predictions": tmp_path / "pred.csv"}
+    result = invoke("evaluate", ckpt, *[x for kv in files.items() for x in kv], "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stored = load_checkpoint(ckpt)
+    assert report["images"] == len(stored["val_files"]) == 13  # only the held-out images, not all of DATA
+    # the checkpoint's own validation accuracy, reproduced by the shared inference pieces
+    assert report["accuracy"] == pytest.approx(stored["best_metric"], abs=1 / 13 + 1e-9)
+    assert report["matched_by"] == "name" and report["class_names"] == ["0", "1", "2"]
+    assert set(report["top_k"]) == {"top1", "top3"}  # --topk 1,5 capped at the 3 classes
+    assert report["top_k"]["top3"] == 1.0 and report["top_k"]["top1"] == report["accuracy"]
+    rows = list(csv.DictReader(files["--csv"].open()))
+    assert [r["class"] for r in rows] == ["0", "1", "2", "All", "Macro"]
+    assert sum(int(r["support"]) for r in rows[:3]) == 13 and rows[3]["support"] == "13"
+    assert rows[3]["precision"] == f"{report['accuracy']:.4f}"
+    predicted = list(csv.DictReader(files["--save-predictions"].open()))
+    assert len(predicted) == 13 and all(Path(p["path"]).parent.parent == data for p in predicted)
+    matrix = [list(map(int, r[1:])) for r in list(csv.reader(files["--confusion-csv"].open()))[1:]]
+    assert [sum(r) for r in matrix] == [int(r["support"]) for r in rows[:3]]
+    assert files["--plot"].read_bytes()[:4] == b"\x89PNG"
+
+    # the saved predictions give the same spreadsheet byte for byte, with no model at all
+    again = invoke("evaluate", "--predictions", files["--save-predictions"], "--csv", tmp_path / "again.csv", "--json")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "again.csv").read_bytes() == files["--csv"].read_bytes()
+    other = json.loads(again.stdout)
+    for key in ("accuracy", "balanced_accuracy", "ece", "averages", "per_class", "confusion_matrix"):
+        assert other[key] == report[key], key
+    # and from stdin
+    piped = runner.invoke(app, ["evaluate", "--predictions", "-", "--format", "csv"],
+                          input=files["--save-predictions"].read_text())
+    assert piped.exit_code == 0 and piped.stdout == files["--csv"].read_text()
+    # outputs are never replaced without --overwrite
+    refused = invoke("evaluate", ckpt, "--csv", files["--csv"], *FAST)
+    assert refused.exit_code == 2 and "already exists" in refused.stderr
+
+
+def test_a_train_val_checkpoint_and_other_data(split_run, tmp_path):
+    data, ckpt = split_run
+    result = invoke("evaluate", ckpt, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 20
+    table = invoke("evaluate", ckpt, *FAST)  # the readable table: per class, then the totals
+    assert table.exit_code == 0 and table.stdout.splitlines()[0].split()[:6] == \
+        ["class", "label", "support", "precision", "recall", "f1"]
+    assert "balanced_accuracy" in table.stdout and "ece" in table.stdout
+
+    other = tmp_path / "other"
+    shutil.copytree(data / "val", other)
+    shutil.rmtree(other / "2")  # a known class without images: support 0
+    (other / "3").rename(other / "3x")
+    unknown = invoke("evaluate", ckpt, "--data", other, *FAST)
+    assert unknown.exit_code == 2 and "class folder(s) unknown to the model: 3x" in unknown.stderr
+    shutil.rmtree(other / "3x")
+    fewer = invoke("evaluate", ckpt, "--data", other, "--json", *FAST)
+    assert fewer.exit_code == 0, fewer.output
+    per_class = json.loads(fewer.stdout)["per_class"]
+    assert [c["support"] for c in per_class] == [5, 5, 0, 0]
+
+
+def test_the_checkpoints_folder_gone_says_to_pass_data(split_run, tmp_path):
+    data, ckpt = split_run
+    moved = tmp_path / "data"
+    shutil.copytree(data, moved)
+    state = load_checkpoint(ckpt)
+    state["val_dir"] = str(moved / "val")
+    copy = tmp_path / "best.pth"
+    torch.save(state, copy)
+    shutil.rmtree(moved / "val")
+    result = invoke("evaluate", copy, *FAST)
+    assert result.exit_code == 2
+    assert f"the checkpoint's validation folder {moved / 'val'} is gone" in result.stderr and "--data" in result.stderr
+
+
+def test_any_classifier_with_a_weights_file_matches_folders_by_index(split_run, tmp_path):
+    data, ckpt = split_run
+    plain = tmp_path / "plain.pth"
+    torch.save(load_checkpoint(ckpt)["model"], plain)  # a bare state_dict: no class names
+    result = invoke("evaluate", "--model", "mobilenet_v3_small", "--weights", plain, "--data", data / "val", "--json",
+                    "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["matched_by"] == "index" and "by sorted index" in result.stderr
+    assert report == {**report, **{k: json.loads(invoke("evaluate", ckpt, "--json", *FAST).stdout)[k]
+                                   for k in ("accuracy", "per_class", "confusion_matrix")}}
+
+
+def test_bad_checkpoints_are_one_line(split_run, tmp_path):
+    _, ckpt = split_run
+    marker = tmp_path / "was_executed"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": load_checkpoint(ckpt)["model"], "args": Payload(str(marker))}, evil)
+    result = invoke("evaluate", evil, *FAST)
+    assert result.exit_code == 1 and f"refusing to load {evil}: it needs code to unpickle" in result.stderr
+    assert not marker.exists(), "the file's code was executed"
+
+    wrong = load_checkpoint(ckpt)
+    wrong["classes"] = wrong["classes"] + ["extra"]
+    torch.save(wrong, tmp_path / "wrong.pth")
+    mismatch = invoke("evaluate", tmp_path / "wrong.pth", *FAST)
+    assert mismatch.exit_code == 1 and "head has 4 outputs but the file names 5 classes" in mismatch.stderr
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for args, message in (([tmp_path / "empty.pth"], "is empty (0 bytes)"),
+                          ([tmp_path / "missing.pth"], "no such weights file"),
+                          ([], "nothing to evaluate"),
+                          ([ckpt, "--predictions", "p.csv"], "--predictions needs no model or images"),
+                          ([ckpt, "--plot", tmp_path / "cm.jpg"], "must end in .png")):
+        bad = invoke("evaluate", *args, *FAST)
+        assert bad.exit_code in (1, 2) and message in bad.stderr and "Traceback" not in bad.stderr, bad.output
+        assert len([ln for ln in bad.stderr.splitlines() if ln.startswith("torchtool: error:")]) == 1
+
+
+def test_unreadable_images_exit_3_and_strict_exit_1(split_run, tmp_path):
+    data, ckpt = split_run
+    val = tmp_path / "val"
+    shutil.copytree(data / "val", val)
+    broken = add_broken_images(val / "1", next((val / "1").iterdir()))
+    result = invoke("evaluate", ckpt, "--data", val, "--json", *FAST)
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 20 and {Path(s["path"]) for s in report["skipped"]} == set(broken)
+    assert "3 of 23 images could not be read" in result.stderr
+    strict = invoke("evaluate", ckpt, "--data", val, "--strict", *FAST)
+    assert strict.exit_code == 1 and "cannot read" in strict.stderr
+
+
+def test_torchrun_counts_each_image_once(run_python, split_run, tmp_path):
+    data, ckpt = split_run
+    val = tmp_path / "val"
+    shutil.copytree(data / "val", val)
+    next((val / "0").iterdir()).unlink()  # 19 images: not divisible by 2
+    common = ["-m", "torchtool", "evaluate", str(ckpt), "--data", str(val), "--json", "--workers", "0",
+              "--device", "cpu", "--quiet"]
+    env = {"OMP_NUM_THREADS": "1"}
+    two = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *common[:2],
+                     *common[2:], "--save-predictions", str(tmp_path / "two.csv"),
+                     env={**env, "TMPDIR": str(tmp_path)}, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_python(*common, "--save-predictions", str(tmp_path / "one.csv"), env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r2, r1 = json.loads(two.stdout), json.loads(one.stdout)  # one report: only rank 0 prints
+    assert r2["images"] == r1["images"] == 19
+    for key in ("accuracy", "per_class", "confusion_matrix", "top_k"):
+        assert r2[key] == r1[key], key
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()  # same rows, input order
