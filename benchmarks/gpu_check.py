@@ -172,6 +172,26 @@ def finetune(work: Path) -> None:
     proc = sh(*TORCHTOOL, "extract-features", work / "digits" / "val", "-w", work / "ft" / "best.pth", "-l", "logits",
               "-o", work / "ftfeat", "--json", "-q", "--device", DEV)
     check("extract-features from the finetune checkpoint on cuda", proc.returncode == 0)
+    evaluate(work, data)
+
+
+def evaluate(work: Path, data: Path) -> None:
+    """evaluate of the finetune checkpoint on the GPU (fp32 and --amp) against the CPU's report."""
+    reports = {}
+    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", DEV]), ("amp", ["--device", DEV, "--amp"])):
+        proc = sh(*TORCHTOOL, "evaluate", work / "ft" / "best.pth", "--json", "-q", *extra)
+        reports[name] = json.loads(proc.stdout) if proc.returncode == 0 else None
+        if name != "cpu":
+            check(f"evaluate {name} runs", reports[name] is not None, proc.stderr[-300:])
+    cpu = reports["cpu"]
+    for name in ("cuda", "amp"):
+        got = reports[name]
+        if cpu and got:
+            # TF32 / bf16 may flip an image whose top two scores are within rounding of each other
+            differ = sum(abs(a["recall"] * a["support"] - b["recall"] * b["support"])
+                         for a, b in zip(cpu["per_class"], got["per_class"]))
+            check(f"evaluate {name} == cpu", got["images"] == cpu["images"] and differ <= 2,
+                  f"accuracy {got['accuracy']:.4f} vs {cpu['accuracy']:.4f}, {differ:.0f} image(s) differ")
 
 
 def main() -> None:
