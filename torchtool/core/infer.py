@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 
+from torchtool.core import runtime
+from torchtool.core.data.images import MAX_PIXELS
+from torchtool.core.data.loading import ImageDataset, cap_workers, make_loader
+from torchtool.core.data.transforms import CenterCrop, Normalize
 from torchtool.core.output import Failure
 from torchtool.core.runtime import autocast
 
@@ -48,6 +52,23 @@ class BadInputs:
     def listed(self) -> list[tuple[Path | str, str]]:
         """(path, reason) of every bad input, in dataset order."""
         return [(self.paths[i], e) for i, e in sorted(self.errors.items())]
+
+
+def image_loader(paths: Sequence[str | Path], preprocess: Any, device: torch.device, *,
+                 targets: Sequence[int] | None = None, batch_size: int | None = None,
+                 workers: int = runtime.DEFAULT_WORKERS, max_pixels: int = MAX_PIXELS) -> tuple[Any, Normalize]:
+    """(loader, normalize) for :func:`run`: workers decode and crop to uint8 (the weights' Resize +
+    CenterCrop, 4x less to pass on than floats); the batch is normalised on the device.
+
+    ``preprocess`` is a :class:`~torchtool.core.models.preprocess.Preprocess`; ``batch_size``
+    None is the device's default; ``workers`` is capped at the CPUs.
+    """
+    crop = preprocess.crop_size
+    dataset = ImageDataset(paths, CenterCrop(crop, preprocess.resize_size, preprocess.interpolation), targets,
+                           fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=max_pixels)
+    loader = make_loader(dataset, batch_size or runtime.default_batch_size(device), cap_workers(workers),
+                         pin_memory=device.type == "cuda")
+    return loader, Normalize(preprocess.mean, preprocess.std, device)
 
 
 @dataclass

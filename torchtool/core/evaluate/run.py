@@ -20,8 +20,7 @@ import numpy as np
 from torchtool.core import infer, runtime
 from torchtool.core.data.folders import scan_image_folder
 from torchtool.core.data.images import MAX_PIXELS
-from torchtool.core.data.loading import ImageDataset, cap_workers, make_loader, shard
-from torchtool.core.data.transforms import CenterCrop, Normalize
+from torchtool.core.data.loading import shard
 from torchtool.core.evaluate.plots import plot_confusion
 from torchtool.core.evaluate.predictions import read_class_names, read_predictions, write_predictions
 from torchtool.core.evaluate.report import Predictions, build_report, confusion_csv, report_csv
@@ -186,17 +185,13 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
 
     # 2. this process's share of the images (no padding: each image once), through THE inference loop
     mine = shard(len(images.paths), dist.rank, dist.world_size)
-    crop = pre.crop_size
-    dataset = ImageDataset([images.paths[i] for i in mine], CenterCrop(crop, pre.resize_size, pre.interpolation),
-                           [images.targets[i] for i in mine], fallback_shape=(crop, crop, 3), fallback_dtype="uint8",
-                           max_pixels=cfg.max_pixels)
-    loader = make_loader(dataset, cfg.batch_size or runtime.default_batch_size(dev), cap_workers(cfg.workers),
-                         pin_memory=dev.type == "cuda")
-    bad = infer.BadInputs(dataset.paths, cfg.strict)
+    loader, normalize = infer.image_loader([images.paths[i] for i in mine], pre, dev,
+                                           targets=[images.targets[i] for i in mine], batch_size=cfg.batch_size,
+                                           workers=cfg.workers, max_pixels=cfg.max_pixels)
+    bad = infer.BadInputs([images.paths[i] for i in mine], cfg.strict)
     parts: list[tuple[np.ndarray, ...]] = []
     with progress(total=len(mine), desc="evaluate", unit="img", quiet=cfg.quiet) as bar:
-        for batch in infer.run(model, loader, dev, bad=bad, normalize=Normalize(pre.mean, pre.std, dev), amp=cfg.amp,
-                               bar=bar):
+        for batch in infer.run(model, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar):
             if batch.outputs is None:
                 continue
             probs = batch.outputs.float().softmax(dim=1)

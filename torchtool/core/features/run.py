@@ -20,8 +20,6 @@ import torch
 
 from torchtool.core import infer, runtime
 from torchtool.core.data.images import MAX_PIXELS, find_images
-from torchtool.core.data.loading import ImageDataset, cap_workers, make_loader
-from torchtool.core.data.transforms import CenterCrop, Normalize
 from torchtool.core.features.extractor import FeatureExtractor
 from torchtool.core.features.layers import LayerCatalog
 from torchtool.core.features.pooling import POOLS
@@ -165,17 +163,14 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
 
     # 3. the loop: workers decode and crop to uint8 (4x less to pass on than floats), the batch
     # is normalised on the device, one forward gives every layer, rows are written as they come
-    crop = preprocess.crop_size
-    dataset = ImageDataset([paths[i] for i in todo], CenterCrop(crop, preprocess.resize_size, preprocess.interpolation),
-                           fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=cfg.max_pixels)
-    loader = make_loader(dataset, cfg.batch_size or runtime.default_batch_size(dev), cap_workers(cfg.workers),
-                         pin_memory=dev.type == "cuda")
-    bad = infer.BadInputs(dataset.paths, cfg.strict)
+    mine = [paths[i] for i in todo]
+    loader, normalize = infer.image_loader(mine, preprocess, dev, batch_size=cfg.batch_size, workers=cfg.workers,
+                                           max_pixels=cfg.max_pixels)
+    bad = infer.BadInputs(mine, cfg.strict)
     trim = runtime.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
     loop_started = time.perf_counter()
     with progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet) as bar:
-        for batch in infer.run(extractor, loader, dev, bad=bad, normalize=Normalize(preprocess.mean, preprocess.std, dev),
-                               amp=cfg.amp, bar=bar):
+        for batch in infer.run(extractor, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar):
             rows = todo[batch.indices.numpy()]
             feats = {} if batch.outputs is None else {
                 k: v.float().cpu().numpy().astype(cfg.dtype, copy=False) for k, v in batch.outputs.items()}
