@@ -9,7 +9,6 @@ process takes a shard without padding, so every image is counted exactly once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +105,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         report = {**build_report(preds), "source": {"predictions": cfg.predictions}, "skipped": []}
         _write(report, preds, outs)
         return report
-    with runtime.distributed(cfg.device) as dist, contextlib.ExitStack():
+    with runtime.distributed(cfg.device) as dist:
         return _evaluate_model(cfg, dist, outs)
 
 
