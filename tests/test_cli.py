@@ -250,3 +250,12 @@ def test_error_table(monkeypatch, exc, code, lines):
     assert result.exit_code == code
     assert result.stdout == ""
     assert result.stderr.splitlines() == lines
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(torchtool_exe):
+    """`torchtool ... | head`: no error line, no 'Exception ignored' from the last flush; exit 141 like SIGPIPE."""
+    import subprocess
+
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; '{torchtool_exe}' env-info --json | true"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 141 and proc.stderr == ""

@@ -13,6 +13,8 @@ from torchtool import __version__
 from torchtool.core.files import write_error
 from torchtool.core.output import EXIT_FAILURE, EXIT_USAGE, TorchtoolError, debug_enabled, error_line
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+
 # command name -> module in torchtool.commands; each module has a ``run`` function.
 COMMANDS = {
     "env-info": "env_info",
@@ -62,6 +64,10 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             typer.echo(error_line(exc.message, exc.hint), err=True)
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:  # `torchtool ... | head`: the reader has all it wants; leave quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except KeyboardInterrupt:
             typer.echo(error_line("interrupted", "rerun the same command to resume"), err=True)
             raise typer.Exit(130) from None

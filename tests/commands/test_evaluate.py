@@ -81,6 +81,10 @@ def test_a_val_split_checkpoint_alone_gives_the_report_and_its_files(val_split_r
     piped = runner.invoke(app, ["evaluate", "--predictions", "-", "--format", "csv"],
                           input=files["--save-predictions"].read_text())
     assert piped.exit_code == 0 and piped.stdout == files["--csv"].read_text()
+    lines = invoke("evaluate", "--predictions", files["--save-predictions"], "--format", "jsonl").stdout.splitlines()
+    first = json.loads(lines[0])  # numbers stay numbers in JSON Lines
+    assert first["precision"] == round(report["per_class"][0]["precision"], 4) and isinstance(first["support"], int)
+    assert [json.loads(line)["class"] for line in lines[-2:]] == ["All", "Macro"]
     # outputs are never replaced without --overwrite
     refused = invoke("evaluate", ckpt, "--csv", files["--csv"], *FAST)
     assert refused.exit_code == 2 and "already exists" in refused.stderr

@@ -71,9 +71,10 @@ def run(
     if fmt == "json":
         output.emit(report, fmt)
     else:
-        rows = report_rows(report)
-        table = [{k: v for k, v in r.items() if k not in ("confused_4", "confused_5")} for r in rows]  # fits 100 cols
-        output.emit(table if fmt in ("table", "markdown") else rows, fmt)
+        rows = report_rows(report, text=fmt != "jsonl")
+        if fmt in ("table", "markdown"):  # three confused classes fit 100 columns
+            rows = [{k: v for k, v in r.items() if k not in ("confused_4", "confused_5")} for r in rows]
+        output.emit(rows, fmt)
         if fmt in ("table", "markdown"):
             output.emit(summary_lines(report) | {"skipped": len(report["skipped"])}, fmt)
     if report["skipped"]:

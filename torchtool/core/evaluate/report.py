@@ -85,12 +85,15 @@ def build_report(preds: Predictions, top_k: dict[str, float] | None = None) -> d
             "per_class": per_class, "class_names": list(classes), "confusion_matrix": matrix.tolist()}
 
 
-def _frac(value: float) -> str:
-    return f"{value:.4f}"
+def report_rows(report: dict[str, Any], text: bool = True) -> list[dict[str, Any]]:
+    """The spreadsheet's rows: one per class in label order, then ``All`` (micro) and ``Macro``.
 
+    Fractions as 4-decimal text (the CSV, the table), or with ``text=False`` as numbers rounded
+    to 4 decimals (JSON Lines: numbers stay numbers).
+    """
+    def _frac(value: float) -> Any:
+        return f"{value:.4f}" if text else round(value, 4)
 
-def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The spreadsheet's rows: one per class in label order, then ``All`` (micro) and ``Macro``."""
     rows = []
     for c in report["per_class"]:
         confused = [f"{d['class']}:{d['count']}" for d in c["confused"]]
