@@ -192,14 +192,14 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
     pre = built.preprocess
     n_classes = len(images.classes)
     ks = sorted({min(k, n_classes) for k in cfg.topk})
-    model = fold_batchnorm(built.model.eval()).to(dev, memory_format=torch.channels_last)
+    model = fold_batchnorm(built.model).to(dev, memory_format=torch.channels_last)
 
     # 2. this process's share of the images (no padding: each image once), through THE inference loop
-    mine = shard(len(images.paths), dist.rank, dist.world_size)
-    loader, normalize = infer.image_loader([images.paths[i] for i in mine], pre, dev,
-                                           targets=[images.targets[i] for i in mine], batch_size=cfg.batch_size,
-                                           workers=cfg.workers, max_pixels=cfg.max_pixels)
-    bad = infer.BadInputs([images.paths[i] for i in mine], cfg.strict)
+    mine = np.asarray(shard(len(images.paths), dist.rank, dist.world_size), dtype=np.int64)
+    my_paths = [images.paths[i] for i in mine]
+    loader, normalize = infer.image_loader(my_paths, pre, dev, targets=[images.targets[i] for i in mine],
+                                           batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels)
+    bad = infer.BadInputs(my_paths, cfg.strict)
     parts: list[tuple[np.ndarray, ...]] = []
     loop_started = time.perf_counter()
     with progress(total=len(mine), desc="evaluate", unit="img", quiet=cfg.quiet) as bar:
@@ -208,17 +208,18 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
                 continue
             probs = batch.outputs.float().softmax(dim=1)
             top = probs.topk(max(ks), dim=1)
-            parts.append((np.asarray(mine)[batch.indices[batch.good].numpy()], batch.targets.cpu().numpy(),
+            parts.append((mine[batch.indices[batch.good].numpy()], batch.targets.cpu().numpy(),
                           top.indices.cpu().numpy(), top.values[:, 0].cpu().numpy()))
 
     loop_seconds = time.perf_counter() - loop_started
     # 3. every process's rows, in input order; rank 0 reports and writes
-    gathered = dist.all_gather((parts, {mine[i]: e for i, e in bad.errors.items()}))
+    gathered = dist.all_gather((parts, {int(mine[i]): e for i, e in bad.errors.items()}))
     rows = [part for rank_parts, _ in gathered for part in rank_parts]
     errors = {i: e for _, rank_errors in gathered for i, e in rank_errors.items()}
     skipped = [{"path": os.fsdecode(images.paths[i]), "error": errors[i]} for i in sorted(errors)]
     if not rows:
-        raise Failure(f"none of the {len(images.paths)} images could be read", hint="see the skipped files above")
+        raise Failure(f"none of the {len(images.paths)} images could be read",
+                      hint=f"the first: {skipped[0]['path']}: {skipped[0]['error']}")
     index, labels, top_idx, conf = (np.concatenate(col) for col in zip(*rows))
     order = np.argsort(index, kind="stable")
     index, labels, top_idx, conf = index[order], labels[order], top_idx[order], conf[order]
