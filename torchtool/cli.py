@@ -21,6 +21,7 @@ COMMANDS = {
     "finetune": "finetune",
     "extract-features": "extract_features",
     "evaluate": "evaluate",
+    "summary": "summary",
 }
 
 app = typer.Typer(

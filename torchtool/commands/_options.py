@@ -46,3 +46,16 @@ def given_options(ctx: typer.Context) -> set[str]:
     """The parameters the user set (command line or environment), asked of click, never guessed from defaults."""
     return {name for name in ctx.params
             if (source := ctx.get_parameter_source(name)) is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+# summary and profile: MODEL as a name, a weights file or module:factory
+ModelSpec = Annotated[str, typer.Argument(
+    metavar="MODEL", show_default=False, help="A torchvision model name (resnet50), a checkpoint or weights file, "
+    "or module:factory / path/to/file.py:factory (a callable returning an nn.Module).")]
+Kwargs = Annotated[Optional[str], typer.Option(
+    "--kwargs", metavar="JSON", show_default=False,
+    help="""Arguments for the model's builder or factory, e.g. '{"num_classes": 10}'.""")]
+InputSize = Annotated[Optional[list[str]], typer.Option(
+    "--input-size", metavar="C,H,W", show_default=False,
+    help="One input's size without the batch dimension (default: the weights' crop, else 3,224,224); repeat it "
+    "for several inputs; :int64 for integer inputs such as token ids (128:int64).")]

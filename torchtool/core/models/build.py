@@ -36,7 +36,7 @@ def _misfit(expected: dict[str, Any], found: dict[str, Any]) -> str:
     shapes = [k for k in expected.keys() & found.keys() if tuple(expected[k].shape) != tuple(found[k].shape)]
     parts = [f"{n} {what}" for n, what in ((len(missing), "missing keys"), (len(unexpected), "unexpected keys"),
                                            (len(shapes), "of another shape")) if n]
-    return ", ".join(parts) or "the tensors do not load"
+    return ", ".join(parts)  # '' when it fits
 
 
 def choose_weights(arch: str | None, weights: str, default_arch: str = DEFAULT_MODEL) -> tuple[str, WeightsChoice]:
@@ -51,46 +51,64 @@ def choose_weights(arch: str | None, weights: str, default_arch: str = DEFAULT_M
     return check_arch(arch or choice.arch or default_arch), choice
 
 
+def _built(arch: str, choice: WeightsChoice, meta: bool) -> tuple[Any, list[str] | None, Preprocess]:
+    """(model, classes, preprocessing) of ``arch`` with pretrained weights or none (files are loaded later)."""
+    import torchvision
+
+    kwargs = build_kwargs(arch, pretrained=choice.kind == "pretrained")
+    if choice.kind != "pretrained":
+        return torchvision.models.get_model(arch, weights=None, **kwargs), None, preprocess_for(arch)
+    classes = list(choice.enum.meta.get("categories") or []) or None
+    if meta:  # the architecture the weights fit, without fetching their bytes
+        model = torchvision.models.get_model(arch, weights=None, num_classes=len(classes) if classes else 1000,
+                                             **kwargs)
+    else:
+        ensure_downloaded(choice.enum)
+        model = torchvision.models.get_model(arch, weights=choice.enum, **kwargs)
+    return model, classes, preprocess_for(arch, choice.enum)
+
+
 def build_model(arch: str | None, weights: str | WeightsChoice = "DEFAULT", num_classes: int | None = None,
                 device: Any = "cpu") -> BuiltModel:
     """Build ``arch`` with ``weights``; with ``num_classes`` the head is replaced to fit.
 
     With a torchtool checkpoint or a .safetensors file written by torchtool, ``arch`` may be
-    None: the architecture, classes and preprocessing come from the file.
+    None: the architecture, classes and preprocessing come from the file. On ``device="meta"``
+    the model is built without memory for its weights (summary): nothing is downloaded, and a
+    weights file is checked to fit rather than loaded.
     """
-    import torchvision
+    import contextlib
+
+    import torch
 
     choice = weights if isinstance(weights, WeightsChoice) else resolve_weights(arch, weights)
     if choice.arch and arch and choice.arch != arch:
         raise UsageError(f"--weights {choice.label} holds a {choice.arch} model, not {arch}",
                          hint=f"pass --model {choice.arch} or leave --model out")
     arch = check_arch(choice.arch or arch or "")
-    kwargs = build_kwargs(arch, pretrained=choice.kind == "pretrained")
-    classes = None
-    if choice.kind == "pretrained":
-        ensure_downloaded(choice.enum)
-        model = torchvision.models.get_model(arch, weights=choice.enum, **kwargs)
-        classes = list(choice.enum.meta.get("categories") or []) or None
-        preprocess = preprocess_for(arch, choice.enum)
-    else:
-        model = torchvision.models.get_model(arch, weights=None, **kwargs)
-        preprocess = preprocess_for(arch)
-    head, _ = find_head(model)
-    if choice.file is not None:
-        wf = choice.file
-        file_classes = head_classes(wf.state_dict, head)
-        if file_classes:
-            replace_head(model, file_classes)
-        try:
-            model.load_state_dict(wf.state_dict)
-        except RuntimeError:
-            raise Failure(f"{wf.path} does not fit {arch}: {_misfit(model.state_dict(), wf.state_dict)}",
-                          hint="check --model matches the architecture the weights were saved from") from None
-        classes = wf.classes
-        if wf.preprocess:
-            preprocess = Preprocess.from_dict(wf.preprocess)
-    n_out = num_outputs(find_head(model)[1])
-    if num_classes is not None and num_classes != n_out:
-        replace_head(model, num_classes)
-        classes, n_out = None, num_classes
+    meta = str(device) == "meta"
+    with torch.device("meta") if meta else contextlib.nullcontext():  # meta: even a new head takes no memory
+        model, classes, preprocess = _built(arch, choice, meta)
+        head, _ = find_head(model)
+        if choice.file is not None:
+            wf = choice.file
+            file_classes = head_classes(wf.state_dict, head)
+            if file_classes:
+                replace_head(model, file_classes)
+            misfit = _misfit(model.state_dict(), wf.state_dict) if meta else ""
+            try:
+                if not misfit and not meta:
+                    model.load_state_dict(wf.state_dict)
+            except RuntimeError:
+                misfit = _misfit(model.state_dict(), wf.state_dict) or "the tensors do not load"
+            if misfit:
+                raise Failure(f"{wf.path} does not fit {arch}: {misfit}",
+                              hint="check --model matches the architecture the weights were saved from")
+            classes = wf.classes
+            if wf.preprocess:
+                preprocess = Preprocess.from_dict(wf.preprocess)
+        n_out = num_outputs(find_head(model)[1])
+        if num_classes is not None and num_classes != n_out:
+            replace_head(model, num_classes)
+            classes, n_out = None, num_classes
     return BuiltModel(model.to(device), arch, choice.label, n_out, classes, preprocess, head)

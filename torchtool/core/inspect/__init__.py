@@ -1,0 +1,7 @@
+"""inspect: a model's size and cost (summary) and its speed (profile).
+
+- :mod:`~torchtool.core.inspect.inputs`: ``--input-size`` and ``--dtype``, shared by both.
+- :mod:`~torchtool.core.inspect.tracking`: module hooks (output shapes, the failing layer) and live-memory tracking.
+- :mod:`~torchtool.core.inspect.graph`: the autograd graph as Graphviz DOT.
+- :mod:`~torchtool.core.inspect.summary`: :func:`summarize`, summary's one call.
+"""

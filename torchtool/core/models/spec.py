@@ -1,0 +1,178 @@
+"""MODEL as summary and profile take it: a torchvision name, a weights file, or ``module:factory``.
+
+- ``resnet50`` (any torchvision classification model; ``kwargs`` go to its builder, e.g.
+  ``{"num_classes": 10}``);
+- a torchtool checkpoint or a weights file that names its architecture (what ``--weights``
+  takes elsewhere);
+- ``package.module:factory`` or ``path/to/file.py:factory``: a callable returning an
+  ``nn.Module``, called with ``kwargs``.
+
+:func:`resolve_model` checks the spec (imports the factory, reads the file) without building
+anything; :meth:`ModelSource.build` builds, on the meta device when asked, so a model larger
+than RAM costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torchtool.core.models.names import check_arch
+from torchtool.core.output import Failure, UsageError, suggest
+
+DEFAULT_INPUT = (3, 224, 224)
+
+
+@dataclass
+class ModelSource:
+    """A resolved MODEL: what it is, its default input size, and how to build it."""
+
+    label: str
+    kind: str  # "torchvision" | "file" | "factory"
+    input_size: tuple[int, ...] = DEFAULT_INPUT
+    _build: Callable[[str], Any] = field(default=None, repr=False)  # device -> nn.Module
+
+    def build(self, device: str = "cpu") -> Any:
+        """The model, built directly on ``device`` ("meta": no memory for its weights)."""
+        import torch
+
+        with torch.device(device):
+            model = self._build(device)
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"{self.label} returned a {type(model).__name__}, not a torch.nn.Module",
+                             hint="the factory must return the model itself")
+        return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _import_module(where: str) -> Any:
+    """The module of ``where``: a dotted name on sys.path, or a .py file (its folder joins sys.path)."""
+    if where.endswith(".py") or os.sep in where:
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise UsageError(f"no such file: {path}", hint="give path/to/file.py:factory")
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:  # as `python file.py` does, so the file's own imports work
+            sys.path.insert(0, folder)
+        spec = importlib.util.spec_from_file_location(f"torchtool_factory_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        loader = spec.loader.exec_module
+    else:
+        module, loader = None, None
+    try:
+        if loader is None:
+            return importlib.import_module(where)
+        loader(module)
+        return module
+    except ModuleNotFoundError as exc:
+        if exc.name and where.startswith(exc.name):
+            raise UsageError(f"cannot import {where!r}: no module named {exc.name!r}",
+                             hint="is it installed, or on PYTHONPATH? a file is given as path/to/file.py:factory"
+                             ) from None
+        raise Failure(f"importing {where} failed: {_first_line(exc)}") from None
+    except Exception as exc:  # the module's own code failed
+        raise Failure(f"importing {where} failed: {_first_line(exc)}", hint="rerun with --debug for the traceback"
+                      ) from None
+
+
+def _factory(spec: str, kwargs: dict[str, Any]) -> ModelSource:
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise UsageError(f"{spec!r} is not module:factory", hint="e.g. mypkg.models:build or models.py:build")
+    module = _import_module(where)
+    obj: Any = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+            raise UsageError(f"{where} has no {name!r}", hint=suggest(name, names) or None)
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{spec} is a {type(obj).__name__}, not a callable", hint="name a function or class")
+
+    def build(device: str) -> Any:
+        try:
+            return obj(**kwargs)
+        except TypeError as exc:
+            raise UsageError(f"{spec}(**kwargs) failed: {_first_line(exc)}", hint="check --kwargs") from None
+
+    return ModelSource(spec, "factory", DEFAULT_INPUT, build)
+
+
+def _weights_file(spec: str, kwargs: dict[str, Any]) -> ModelSource:
+    from torchtool.core.models.build import build_model
+    from torchtool.core.models.weights import resolve_weights
+
+    if kwargs:
+        raise UsageError("--kwargs applies to a model name or a factory, not to a weights file",
+                         hint="the file's architecture and classes are used as saved")
+    choice = resolve_weights(None, spec)
+    if not choice.arch:
+        raise UsageError(f"{spec} does not say which architecture it holds (a bare state_dict)",
+                         hint="summarise the architecture by name, e.g. resnet18 --kwargs '{\"num_classes\": 10}'")
+    arch = choice.arch
+    crop = build_model(arch, choice, device="meta").preprocess.crop_size  # a check that it fits, too
+
+    def build(device: str) -> Any:
+        return build_model(arch, choice, device=device).model
+
+    return ModelSource(f"{Path(spec).name} ({arch})", "file", (3, crop, crop), build)
+
+
+def _torchvision(name: str, kwargs: dict[str, Any]) -> ModelSource:
+    from torchtool.core.models.names import build_kwargs
+    from torchtool.core.models.preprocess import preprocess_for
+
+    check_arch(name)  # an unknown name fails with close matches
+    crop = preprocess_for(name).crop_size
+    options = build_kwargs(name, pretrained=False) | kwargs
+
+    def build(device: str) -> Any:
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None, **options)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{name}(**kwargs) failed: {_first_line(exc)}", hint="check --kwargs") from None
+
+    return ModelSource(name, "torchvision", (3, crop, crop), build)
+
+
+def resolve_model(spec: str, kwargs: dict[str, Any] | None = None) -> ModelSource:
+    """Check MODEL and say how to build it (nothing is built yet; a factory's module is imported)."""
+    kwargs = dict(kwargs or {})
+    path = Path(spec).expanduser()
+    if path.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt") or path.is_file():
+        return _weights_file(spec, kwargs)
+    if ":" in spec:
+        return _factory(spec, kwargs)
+    if os.sep in spec or path.exists():
+        raise UsageError(f"{spec} is not a weights file", hint="give a .pth/.pt/.safetensors file, a torchvision "
+                         "model name, or module:factory")
+    return _torchvision(spec, kwargs)
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    """``--kwargs '{"num_classes": 10}'`` -> a dict (one line for malformed JSON)."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--kwargs is not valid JSON: {exc.msg} at character {exc.pos}",
+                         hint="""e.g. --kwargs '{"num_classes": 10}'""") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--kwargs must be a JSON object, not {type(value).__name__}",
+                         hint="""e.g. --kwargs '{"num_classes": 10}'""")
+    return value
