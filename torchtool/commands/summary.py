@@ -40,6 +40,6 @@ def run(
     if fmt == "json":
         output.emit(report, fmt)
         return
-    output.emit(layer_rows(report, text=fmt in ("table", "markdown")), fmt)
+    output.emit(layer_rows(report, fmt), fmt)
     if fmt in ("table", "markdown"):
         output.emit(totals(report), fmt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,8 @@ class InputSpec:
 def parse_input_size(text: str) -> InputSpec:
     """``3,224,224`` (or ``3x224x224``), optionally ``:int64`` for an integer input such as token ids."""
     size, _, dtype = text.strip().partition(":")
-    try:
-        shape = tuple(int(part) for part in size.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        shape = ()
+    parts = re.split(r"[,x]", size)
+    shape = tuple(int(part) for part in parts) if all(part.strip().isdigit() for part in parts) else ()
     if not shape or any(n < 1 for n in shape):
         raise UsageError(f"--input-size {text!r}: expected positive integers such as 3,224,224",
                          hint="one --input-size per input, without the batch dimension; e.g. 3,224,224 or 128:int64")
