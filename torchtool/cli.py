@@ -22,6 +22,7 @@ COMMANDS = {
     "extract-features": "extract_features",
     "evaluate": "evaluate",
     "summary": "summary",
+    "profile": "profile",
 }
 
 app = typer.Typer(

@@ -56,18 +56,20 @@ class BadInputs:
 
 def image_loader(paths: Sequence[str | Path], preprocess: Any, device: torch.device, *,
                  targets: Sequence[int] | None = None, batch_size: int | None = None,
-                 workers: int = runtime.DEFAULT_WORKERS, max_pixels: int = MAX_PIXELS) -> tuple[Any, Normalize]:
+                 workers: int = runtime.DEFAULT_WORKERS, max_pixels: int = MAX_PIXELS,
+                 pin_memory: bool | None = None) -> tuple[Any, Normalize]:
     """(loader, normalize) for :func:`run`: workers decode and crop to uint8 (the weights' Resize +
     CenterCrop, 4x less to pass on than floats); the batch is normalised on the device.
 
     ``preprocess`` is a :class:`~torchtool.core.models.preprocess.Preprocess`; ``batch_size``
-    None is the device's default; ``workers`` is capped at the CPUs.
+    None is the device's default; ``workers`` is capped at the CPUs; ``pin_memory`` None pins
+    for CUDA.
     """
     crop = preprocess.crop_size
     dataset = ImageDataset(paths, CenterCrop(crop, preprocess.resize_size, preprocess.interpolation), targets,
                            fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=max_pixels)
     loader = make_loader(dataset, batch_size or runtime.default_batch_size(device), cap_workers(workers),
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda" if pin_memory is None else pin_memory)
     return loader, Normalize(preprocess.mean, preprocess.std, device)
 
 

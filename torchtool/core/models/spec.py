@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torchtool.core.models.names import check_arch
+from torchtool.core.models.preprocess import Preprocess
 from torchtool.core.output import Failure, UsageError, suggest
 
-DEFAULT_INPUT = (3, 224, 224)
 
 
 @dataclass
@@ -34,8 +34,13 @@ class ModelSource:
 
     label: str
     kind: str  # "torchvision" | "file" | "factory"
-    input_size: tuple[int, ...] = DEFAULT_INPUT
+    preprocess: Preprocess  # how images are prepared for it (the weights' own; ImageNet's 224 px for a factory)
     _build: Callable[[str], Any] = field(default=None, repr=False)  # device -> nn.Module
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The default input: an image of the preprocessing's crop size."""
+        return (3, self.preprocess.crop_size, self.preprocess.crop_size)
 
     def build(self, device: str = "cpu") -> Any:
         """The model, built directly on ``device`` ("meta": no memory for its weights)."""
@@ -105,7 +110,7 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> ModelSource:
         except TypeError as exc:
             raise UsageError(f"{spec}(**kwargs) failed: {_first_line(exc)}", hint="check --kwargs") from None
 
-    return ModelSource(spec, "factory", DEFAULT_INPUT, build)
+    return ModelSource(spec, "factory", Preprocess(), build)
 
 
 def _weights_file(spec: str, kwargs: dict[str, Any]) -> ModelSource:
@@ -120,12 +125,12 @@ def _weights_file(spec: str, kwargs: dict[str, Any]) -> ModelSource:
         raise UsageError(f"{spec} does not say which architecture it holds (a bare state_dict)",
                          hint="summarise the architecture by name, e.g. resnet18 --kwargs '{\"num_classes\": 10}'")
     arch = choice.arch
-    crop = build_model(arch, choice, device="meta").preprocess.crop_size  # a check that it fits, too
+    preprocess = build_model(arch, choice, device="meta").preprocess  # a check that it fits, too
 
     def build(device: str) -> Any:
         return build_model(arch, choice, device=device).model
 
-    return ModelSource(f"{Path(spec).name} ({arch})", "file", (3, crop, crop), build)
+    return ModelSource(f"{Path(spec).name} ({arch})", "file", preprocess, build)
 
 
 def _torchvision(name: str, kwargs: dict[str, Any]) -> ModelSource:
@@ -133,7 +138,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> ModelSource:
     from torchtool.core.models.preprocess import preprocess_for
 
     check_arch(name)  # an unknown name fails with close matches
-    crop = preprocess_for(name).crop_size
+    preprocess = preprocess_for(name)
     options = build_kwargs(name, pretrained=False) | kwargs
 
     def build(device: str) -> Any:
@@ -144,7 +149,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> ModelSource:
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{name}(**kwargs) failed: {_first_line(exc)}", hint="check --kwargs") from None
 
-    return ModelSource(name, "torchvision", (3, crop, crop), build)
+    return ModelSource(name, "torchvision", preprocess, build)
 
 
 def resolve_model(spec: str, kwargs: dict[str, Any] | None = None) -> ModelSource:

@@ -1,0 +1,115 @@
+"""Timing a callable the way torch.utils.benchmark does, with the real thread count, and its peak memory.
+
+``torch.utils.benchmark.Timer`` runs on one thread unless told otherwise (a trap: a 2-core
+CPU looks half as fast); :func:`measure` always passes the thread count torch is using.
+On CUDA the Timer synchronises around each block; peak memory is ``max_memory_allocated``
+there and the growth of the process's peak RSS on the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+WARMUP_S = 0.3  # also at least 2 calls: lazy init, oneDNN/cuDNN kernel selection, allocator growth
+
+
+@dataclass
+class Timing:
+    """A measurement of one call: median and quartiles over the Timer's blocks, and its peak memory."""
+
+    median_s: float
+    q1_s: float
+    q3_s: float
+    runs: int
+    peak_bytes: int | None
+
+    @property
+    def iqr_s(self) -> float:
+        return self.q3_s - self.q1_s
+
+    def record(self, batch_size: int) -> dict[str, Any]:
+        """Milliseconds and samples/s (= batch size / median latency)."""
+        return {"median_ms": self.median_s * 1e3, "iqr_ms": self.iqr_s * 1e3, "q1_ms": self.q1_s * 1e3,
+                "q3_ms": self.q3_s * 1e3, "samples_per_s": batch_size / self.median_s, "runs": self.runs,
+                "peak_memory_bytes": self.peak_bytes}
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the block: CUDA's allocator peak, or on the CPU how far the peak RSS rose above the RSS
+    at the start (Linux resets the peak through /proc/self/clear_refs; elsewhere it is the process's peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = 0
+        self.peak: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self.start = (_status_kib("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif (hwm := _status_kib("VmHWM")) is not None:
+            self.peak = max(0, hwm * 1024 - self.start)
+
+
+def warm_up(fn: Callable[[], Any], device: torch.device, seconds: float = WARMUP_S) -> None:
+    """Call ``fn`` at least twice and for ``seconds``."""
+    start, calls = time.perf_counter(), 0
+    while calls < 2 or time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, threads: int, max_time: float) -> Timing:
+    """Warm ``fn`` up, then time it with ``Timer.adaptive_autorange`` (at most ``max_time`` seconds)."""
+    import logging
+
+    # importing it imports cpp_extension, which logs "No CUDA runtime is found" on a CPU-only machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.benchmark import Timer
+
+    warm_up(fn, device)
+    with PeakMemory(device) as memory:
+        m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).adaptive_autorange(
+            threshold=0.1, min_run_time=min(0.05, max_time), max_run_time=max_time)
+    times = sorted(m.times)
+    q1, q3 = _quantile(times, 0.25), _quantile(times, 0.75)
+    return Timing(m.median, q1, q3, m.number_per_run * len(m.raw_times), memory.peak)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)

@@ -1,0 +1,117 @@
+"""Where the time goes: torch.profiler's operator table and Chrome/Perfetto trace, and a script under cProfile.
+
+Script mode is what ``python -m torch.utils.bottleneck script.py`` does (cProfile and the
+autograd profiler over one run of the script), without its re-runs and crashes: the script
+runs once, in this process, as ``__main__`` with its own ``sys.argv``; its stdout goes to
+stderr (stdout is for the tables); its exit code and exception are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import os
+import pstats
+import runpy
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from torchtool.core.files import atomic_path
+from torchtool.core.output import UsageError
+
+
+def profiler(device: torch.device, memory: bool = True) -> Any:
+    """torch.profiler over CPU (and CUDA) activities, with shapes and memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities, record_shapes=True, profile_memory=memory)
+
+
+def top_ops(prof: Any, n: int, cuda: bool) -> list[dict[str, Any]]:
+    """The ``n`` operators with the most self time (CUDA time on a GPU), as records."""
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    rows = []
+    for e in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:n]:
+        row = {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+               "cpu_total_ms": e.cpu_time_total / 1e3}
+        if cuda:
+            row["self_cuda_ms"] = getattr(e, "self_device_time_total", 0) / 1e3
+        row["self_percent"] = 100 * getattr(e, key, 0) / total
+        row["self_memory_bytes"] = getattr(e, "self_device_memory_usage" if cuda else "self_cpu_memory_usage", 0)
+        rows.append(row)
+    return rows
+
+
+def export_trace(prof: Any, path: Path) -> None:
+    """The Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev), written atomically."""
+    with atomic_path(path) as tmp:
+        prof.export_chrome_trace(str(tmp))
+
+
+def profile_steps(fn: Callable[[], Any], device: torch.device, steps: int, top: int,
+                  trace: Path | None) -> list[dict[str, Any]]:
+    """Profile ``steps`` calls of ``fn`` (already warmed up): the top operators; the trace when asked."""
+    with profiler(device) as prof:
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if trace is not None:
+        export_trace(prof, trace)
+    return top_ops(prof, top, device.type == "cuda")
+
+
+def check_script(path: str) -> Path:
+    """The script to profile must exist (one line otherwise)."""
+    script = Path(path)
+    if not script.is_file():
+        raise UsageError(f"no such script: {path}", hint="torchtool profile script.py -- ARGS...")
+    return script
+
+
+def _python_top(stats: cProfile.Profile, n: int) -> list[dict[str, Any]]:
+    """cProfile's functions with the most self time (tottime), as records."""
+    table = pstats.Stats(stats).stats  # (file, line, name) -> (primitive calls, calls, tottime, cumtime, callers)
+    rows = []
+    for (file, line, name), (_, calls, tottime, cumtime, _) in sorted(table.items(), key=lambda kv: kv[1][2],
+                                                                       reverse=True)[:n]:
+        where = name if file == "~" else f"{os.path.relpath(file) if not file.startswith('<') else file}:{line}({name})"
+        rows.append({"function": where, "calls": calls, "self_s": tottime, "cumulative_s": cumtime})
+    return rows
+
+
+def run_script(script: Path, args: list[str], top: int, trace: Path | None) -> dict[str, Any]:
+    """Run ``script`` once under cProfile and torch.profiler: both top tables, its exit code and exception."""
+    argv, path0 = sys.argv, sys.path[0] if sys.path else None
+    sys.argv = [str(script), *args]
+    sys.path.insert(0, str(script.resolve().parent))  # as `python script.py` does
+    python = cProfile.Profile()
+    code, error = 0, None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        with profiler(device, memory=False) as prof, contextlib.redirect_stdout(sys.stderr):
+            python.enable()
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as done:
+                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+            except Exception as exc:  # the script's own failure: its traceback is the user's to read
+                traceback.print_exc(file=sys.stderr)
+                code, error = 1, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            finally:
+                python.disable()
+    finally:
+        sys.argv = argv
+        if path0 is not None and sys.path and sys.path[0] == str(script.resolve().parent):
+            sys.path.pop(0)
+    if trace is not None:
+        export_trace(prof, trace)
+    return {"script": str(script), "args": args, "exit_code": code, "exception": error,
+            "python_top": _python_top(python, top), "torch_top": top_ops(prof, top, device.type == "cuda")}
