@@ -34,6 +34,9 @@ SMALL = {
     "extract-features": ["--image-size", "64", "--workers", "0", "--device", "cpu"],
     "finetune": ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"],
     "evaluate": ["--workers", "0", "--device", "cpu"],
+    # no torch.compile (a minute of g++ on 2 cores); loader sweeps of a few images
+    "profile": ["--device", "cpu", "--max-time", "0.05", "--tips", "channels_last,bf16,inference_mode,fold_bn",
+                "--dataloader-images", "8"],
 }
 
 
@@ -94,6 +97,15 @@ def workdir(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
     shutil.copytree(work / "data" / "train", work / "photos")  # photos/<class>/ for --val-split
     for other in ("test", "val"):  # more labelled folders for evaluate --data
         shutil.copytree(work / "data" / "val", work / other)
+    (work / "train.py").write_text(textwrap.dedent("""\
+        import argparse
+        import torch
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--epochs", type=int, default=1)
+        model = torch.nn.Linear(32, 4)
+        for _ in range(3 * parser.parse_args().epochs):
+            model(torch.randn(16, 32)).sum().backward()
+        """))  # what profile's script-mode line runs
 
     checkpoints = root / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -114,7 +126,8 @@ def workdir(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
         from torchtool.cli import entry
         SMALL = {SMALL!r}
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-        sys.argv += SMALL.get(command, [])
+        at = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)  # what follows -- is a script's
+        sys.argv[at:at] = SMALL.get(command, [])
         entry()
         """))
     small.chmod(0o755)

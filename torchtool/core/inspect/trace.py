@@ -28,6 +28,9 @@ def profiler(device: torch.device, memory: bool = True) -> Any:
     """torch.profiler over CPU (and CUDA) activities, with shapes and memory."""
     from torch.profiler import ProfilerActivity, profile
 
+    # libkineto logs "profiler_start"/"profiler_stop" and, without a GPU, an ERROR line about the
+    # device count on every run; it reads this when the first profile starts. A user's own setting wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     return profile(activities=activities, record_shapes=True, profile_memory=memory)
 

@@ -74,6 +74,8 @@ def _import_module(where: str) -> Any:
         loader = spec.loader.exec_module
     else:
         module, loader = None, None
+        if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and uvicorn do: the current folder
+            sys.path.insert(0, os.getcwd())
     try:
         if loader is None:
             return importlib.import_module(where)
