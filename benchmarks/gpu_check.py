@@ -5,7 +5,9 @@
 env-info's GPU fields, NVML driver and the GPU's name in its markdown; extract-features on
 cuda against the CPU, with --amp, --dtype float16 and, with two or more GPUs visible, under
 torchrun with 2 processes (nccl) against the single-process result; finetune on cuda with
---amp (every loss in metrics.csv finite) and --resume. Prints one PASS/FAIL line per check
+--amp (every loss in metrics.csv finite) and --resume; evaluate on cuda and with --amp against the
+CPU's report; profile on cuda (max_memory_allocated, --compare's fp16/bf16/cudnn.benchmark rows,
+a pin_memory --dataloader sweep, CUDA kernels in --trace). Prints one PASS/FAIL line per check
 (SKIP for the nccl check on a one-GPU machine: a one-process group exercises no collective)
 and exits 1 if any failed. Takes a few minutes; --bench adds the extract-features benchmark
 on the GPU (up to ~7 minutes more).
@@ -194,6 +196,33 @@ def evaluate(work: Path, data: Path) -> None:
                   f"accuracy {got['accuracy']:.4f} vs {cpu['accuracy']:.4f}, {differ:.0f} image(s) differ")
 
 
+@guarded
+def profile(work: Path, photos: Path) -> None:
+    """profile on CUDA: max_memory_allocated, the CUDA rows of --compare, a pin_memory sweep, CUDA kernels traced."""
+    trace = work / "trace.json"
+    proc = sh(*TORCHTOOL, "profile", "resnet18", "--device", DEV, "--batch-size", "16", "--compare", "--tips",
+              "channels_last,bf16,fp16,cudnn_benchmark,inference_mode,fold_bn", "--backward", "--dataloader", photos,
+              "--dataloader-images", "64", "--trace", trace, "--overwrite", "--max-time", "1", "--json", "-q")
+    report = json.loads(proc.stdout) if proc.returncode == 0 else None
+    check("profile cuda runs", report is not None, proc.stderr[-300:])
+    if report is None:
+        return
+    fwd, step = report["forward"], report["training_step"]
+    check("profile cuda forward: max_memory_allocated > 0, throughput = B / median",
+          (fwd["peak_memory_bytes"] or 0) > 0 and math.isclose(fwd["samples_per_s"], 16e3 / fwd["median_ms"]),
+          f"{fwd['median_ms']:.2f} ms, {fwd['samples_per_s']:.0f}/s, {fwd['peak_memory_bytes']} B; "
+          f"training step {step['median_ms']:.2f} ms")
+    rows = {r["tip"]: r for r in report["compare"]}
+    for tip in ("channels_last", "bf16", "fp16", "cudnn_benchmark", "fold_bn"):
+        row = rows[tip]
+        check(f"profile cuda --compare {tip}", not row["skipped"] and row["within_tolerance"],
+              row["skipped"] or f"{row['speedup']:.2f}x, error {row['max_rel_error']:.1e}")
+    check("profile cuda --dataloader sweeps pin_memory",
+          {r["pin_memory"] for r in report["dataloader"]["rows"]} == {False, True}, report["bottleneck"] or "")
+    kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+    check("profile cuda --trace holds CUDA kernels", len(kernels) > 0, f"{len(kernels)} kernel events")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/gpu-check")
@@ -212,6 +241,7 @@ def main() -> None:
     env_info(work)
     extract_features(work, photos)
     finetune(work)
+    profile(work, photos)
     if args.bench:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "extract_features.py"), "--device", DEV,
                         "--images", "3000", "--naive-images", "300", "--mem-images", "1000", "--rounds", "1"],
