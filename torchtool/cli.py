@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "summary": "summary",
     "profile": "profile",
+    "video-info": "video_info",
 }
 
 app = typer.Typer(

@@ -16,7 +16,7 @@ import fcntl
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,35 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def walk_files(root: Path, wanted: Callable[[str], bool]) -> list[Path]:
+    """Files under ``root`` whose name is ``wanted``: recursively, each folder's files sorted and then its
+    sub-folders in sorted order; a symlink back into the tree (a cycle) is walked once."""
+    found = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if wanted(f))
+    return found
+
+
+def read_path_list(lines: Iterable[str]) -> list[Path]:
+    """Paths of a list file or stdin, one per line (blank lines skipped; any bytes, as surrogates)."""
+    return [Path(line.rstrip("\r\n")) for line in lines if line.strip()]
+
+
+def stdin_paths() -> list[Path]:
+    """:func:`read_path_list` of stdin, read as bytes: file names need not be UTF-8."""
+    import sys
+
+    stdin = getattr(sys.stdin, "buffer", None)
+    return read_path_list(os.fsdecode(line) for line in stdin) if stdin else read_path_list(sys.stdin)
 
 
 def free_bytes(folder: str | os.PathLike) -> int:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torchtool.core.files import read_path_list, stdin_paths, walk_files
 from torchtool.core.output import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -28,21 +28,7 @@ def is_image_name(path: str | os.PathLike) -> bool:
 
 def walk_images(root: Path) -> list[Path]:
     """Image files under ``root``, recursively, in a deterministic sorted order."""
-    found = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:  # a symlink back into the tree (a cycle): walked already
-            dirnames.clear()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_name(f))
-    return found
-
-
-def _read_list(lines: Iterable[str]) -> list[Path]:
-    return [Path(line.rstrip("\r\n")) for line in lines if line.strip()]
+    return walk_files(root, is_image_name)
 
 
 def find_images(paths: Sequence[str], list_file: str | os.PathLike | None = None) -> list[Path]:
@@ -59,11 +45,10 @@ def find_images(paths: Sequence[str], list_file: str | os.PathLike | None = None
         if not list_path.is_file():
             raise UsageError(f"no such list file: {list_path}")
         with open(list_path, encoding="utf-8", errors="surrogateescape") as fh:  # any file name, byte for byte
-            images.extend(_read_list(fh))
+            images.extend(read_path_list(fh))
     for raw in paths:
         if raw == "-":
-            stdin = getattr(sys.stdin, "buffer", None)  # bytes: file names need not be UTF-8
-            images.extend(_read_list(os.fsdecode(line) for line in stdin) if stdin else _read_list(sys.stdin))
+            images.extend(stdin_paths())
             continue
         path = Path(raw)
         if path.is_dir():
