@@ -97,6 +97,11 @@ def workdir(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
     shutil.copytree(work / "data" / "train", work / "photos")  # photos/<class>/ for --val-split
     for other in ("test", "val"):  # more labelled folders for evaluate --data
         shutil.copytree(work / "data" / "val", work / other)
+    from tests.video_data import write_video
+
+    for i, (folder, fourcc, suffix) in enumerate([("jump", "mp4v", "mp4"), ("jump", "mp4v", "mp4"),
+                                                  ("run", "MJPG", "avi")]):
+        write_video(work / "videos" / folder / f"clip{i}.{suffix}", 24 + 8 * i, fourcc)  # video-info's inputs
     (work / "train.py").write_text(textwrap.dedent("""\
         import argparse
         import torch

@@ -240,8 +240,15 @@ class VideoConfig:
 def describe(video: VideoInput, cfg: VideoConfig) -> dict[str, Any]:
     """One video's row: metadata, and with ``segments`` its TSN ``indices`` (and frames written)."""
     row = probe(video, cfg.exact)
-    if cfg.segments is None or row["error"]:
-        return row
+    if cfg.segments is not None:
+        _sample(row, video, cfg)
+    row["error"] = row.pop("error")  # the last column
+    return row
+
+
+def _sample(row: dict[str, Any], video: VideoInput, cfg: VideoConfig) -> None:
+    if row["error"]:
+        return
     n = row["exact_frame_count"] if cfg.exact else row["frame_count"]
     try:
         row["indices"] = tsn_indices(n, cfg.segments, cfg.mode, video_rng(cfg.seed, video))
@@ -252,7 +259,6 @@ def describe(video: VideoInput, cfg: VideoConfig) -> dict[str, Any]:
         row["error"] = str(why)
     except OSError as exc:
         row["error"] = f"cannot write frames: {exc.strerror or exc}"
-    return row
 
 
 def describe_all(videos: Sequence[VideoInput], cfg: VideoConfig, workers: int) -> Iterable[dict[str, Any]]:
