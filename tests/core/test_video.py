@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,22 @@ def test_extracted_frames_are_the_frames_at_those_indices(tmp_path):
     assert extract_frames(video, indices, tmp_path / "out") == 0  # all there: skipped
     files[1].unlink()
     assert extract_frames(video, indices, tmp_path / "out") == 4
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg writes the rotation tag (apt install ffmpeg)")
+def test_rotation_is_reported_and_frames_come_out_upright(tmp_path):
+    import subprocess
+
+    import cv2
+
+    plain = write_video(tmp_path / "plain.mp4", 12, "mp4v", size=(64, 48))
+    for angle in (90, 180, 270):
+        rotated = tmp_path / f"rot{angle}.mp4"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(plain), "-metadata:s:v:0", f"rotate={angle}",
+                        "-c", "copy", str(rotated)], check=True)
+        row = probe(VideoInput(rotated, tmp_path))
+        assert (row["rotation"], row["width"], row["height"]) == (angle, 64, 48)  # as stored, as ffprobe says
+        assert extract_frames(VideoInput(rotated, tmp_path), [5], tmp_path / "out") == 1
+        shape = cv2.imread(str(tmp_path / "out" / f"rot{angle}" / "000005.jpg")).shape
+        assert shape[:2] == ((64, 48) if angle in (90, 270) else (48, 64))  # upright, as a player shows it
+    assert probe(VideoInput(plain, tmp_path))["rotation"] is None

@@ -135,7 +135,13 @@ def probe(video: VideoInput, exact: bool = False) -> dict[str, Any]:
         width, height = int(cap.get(cv.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv.CAP_PROP_FRAME_HEIGHT))
         fps = float(cap.get(cv.CAP_PROP_FPS))
         frames = max(0, int(cap.get(cv.CAP_PROP_FRAME_COUNT)))
-        rotation = int(cap.get(cv.CAP_PROP_ORIENTATION_META)) if hasattr(cv, "CAP_PROP_ORIENTATION_META") else 0
+        # OpenCV gives the display matrix's counter-clockwise angle and, rotating the frames it returns,
+        # their displayed size; the row has what the file stores (as ffprobe): the coded size and the
+        # clockwise rotation to display it (what `ffmpeg -metadata:s:v rotate=90` writes)
+        meta = int(cap.get(cv.CAP_PROP_ORIENTATION_META)) if hasattr(cv, "CAP_PROP_ORIENTATION_META") else 0
+        rotation = -meta % 360
+        if rotation in (90, 270) and cap.get(cv.CAP_PROP_ORIENTATION_AUTO):
+            width, height = height, width
         if width <= 0 or height <= 0:
             return row | {"error": "no video stream"}
         row |= {"width": width, "height": height, "fps": round(fps, 6) if fps > 0 else None, "frame_count": frames,
