@@ -7,7 +7,8 @@ cuda against the CPU, with --amp, --dtype float16 and, with two or more GPUs vis
 torchrun with 2 processes (nccl) against the single-process result; finetune on cuda with
 --amp (every loss in metrics.csv finite) and --resume; evaluate on cuda and with --amp against the
 CPU's report; profile on cuda (max_memory_allocated, --compare's fp16/bf16/cudnn.benchmark rows,
-a pin_memory --dataloader sweep, CUDA kernels in --trace). Prints one PASS/FAIL line per check
+a pin_memory --dataloader sweep, CUDA kernels in --trace); gpu-reset --dry-run through the real NVML
+listing a process that holds 256 MB of CUDA memory. Prints one PASS/FAIL line per check
 (SKIP for the nccl check on a one-GPU machine: a one-process group exercises no collective)
 and exits 1 if any failed. Takes a few minutes; --bench adds the extract-features benchmark
 on the GPU (up to ~7 minutes more).
@@ -223,6 +224,27 @@ def profile(work: Path, photos: Path) -> None:
     check("profile cuda --trace holds CUDA kernels", len(kernels) > 0, f"{len(kernels)} kernel events")
 
 
+@guarded
+def gpu_reset(work: Path) -> None:
+    """gpu-reset --dry-run through the real NVML sees a process that holds CUDA memory (dry run: nothing is ended)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time, torch; x = torch.empty(256 << 20, dtype=torch.uint8, "
+                               f"device='{DEV}'); print('ready', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        proc = sh(*TORCHTOOL, "gpu-reset", "--dry-run")
+        print(proc.stdout)
+        proc = sh(*TORCHTOOL, "gpu-reset", "--dry-run", "--json")
+        report = json.loads(proc.stdout) if proc.returncode == 0 else {"processes": []}
+        rows = [r for r in report["processes"] if r["pid"] == holder.pid]
+        check("gpu-reset --dry-run lists a CUDA process through NVML",
+              bool(rows) and rows[0]["kind"] == "cuda" and (rows[0]["memory_bytes"] or 0) >= 256 << 20
+              and rows[0]["action"] == "end" and holder.poll() is None, json.dumps(rows)[:300])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/gpu-check")
@@ -242,6 +264,7 @@ def main() -> None:
     extract_features(work, photos)
     finetune(work)
     profile(work, photos)
+    gpu_reset(work)
     if args.bench:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "extract_features.py"), "--device", DEV,
                         "--images", "3000", "--naive-images", "300", "--mem-images", "1000", "--rounds", "1"],

@@ -138,6 +138,9 @@ def workdir(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
     small.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "TORCHTOOL_DEBUG"}
     env.update(TORCH_HOME=str(root / "torch_home"), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    # gpu-reset's lines see a stand-in GPU that nothing holds: `--yes` must never end real processes here
+    (root / "gpus.json").write_text('{"gpus": [{"name": "stand-in GPU", "processes": []}]}')
+    env["TORCHTOOL_GPU_STANDIN"] = str(root / "gpus.json")
     return work, env
 
 

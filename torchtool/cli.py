@@ -24,6 +24,7 @@ COMMANDS = {
     "summary": "summary",
     "profile": "profile",
     "video-info": "video_info",
+    "gpu-reset": "gpu_reset",
 }
 
 app = typer.Typer(

@@ -1,0 +1,186 @@
+"""torchtool gpu-reset against real child processes that the NVML stand-in reports as GPU users.
+
+This machine has no NVIDIA driver: ``TORCHTOOL_GPU_STANDIN`` names a JSON description of
+GPUs whose processes are the children started here, so the listing, the safety rules, the
+start-time guard and SIGTERM/SIGKILL run for real. The real NVML path runs in
+benchmarks/gpu_check.py on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from torchtool.core import gpu
+
+IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
+               "time.sleep(120)"
+SLEEPS = "import time; print('ready', flush=True); time.sleep(120)"
+
+
+def _child(code: str, **kwargs) -> subprocess.Popen:
+    if "user" in kwargs:  # another user may not read this interpreter's folders: a plain sleep, once exec'd
+        proc = subprocess.Popen(["sleep", "120"], **kwargs)
+        while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"sleep"):
+            time.sleep(0.01)
+        return proc
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, **kwargs)
+    assert proc.stdout.readline().strip() == "ready"  # its signal handler is in place
+    return proc
+
+
+@pytest.fixture
+def children():
+    started: list[subprocess.Popen] = []
+
+    def start(code: str = SLEEPS, **kwargs) -> subprocess.Popen:
+        started.append(_child(code, **kwargs))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def standin(tmp_path: Path, gpus: list[dict], **extra) -> dict[str, str]:
+    path = tmp_path / "gpus.json"
+    path.write_text(json.dumps({"gpus": gpus, **extra}))
+    return {gpu.STANDIN_ENV: str(path)}
+
+
+def _run(run_torchtool, env, *args):
+    proc = run_torchtool("gpu-reset", *args, env=env)
+    return proc, (json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else None)
+
+
+def test_dry_run_lists_and_changes_nothing(tmp_path, children, run_torchtool):
+    a, b = children(), children(IGNORES_TERM)
+    env = standin(tmp_path, [
+        {"name": "Stand-in A100", "base_bytes": 10 ** 9, "processes": [
+            {"pid": a.pid, "used_bytes": 3 * 10 ** 9}, {"pid": "self", "used_bytes": 1},
+            {"pid": "parent", "used_bytes": 1}, {"pid": 1, "used_bytes": 1}]},
+        {"name": "Stand-in A100", "processes": [{"pid": b.pid, "used_bytes": 10 ** 9}]}])
+    proc, report = _run(run_torchtool, env, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["gpu"], r["pid"]): r for r in report["processes"]}
+    mine = rows[(0, a.pid)]
+    assert mine["action"] == "end" and mine["kind"] == "cuda" and mine["memory_bytes"] == 3 * 10 ** 9
+    assert mine["user"] == __import__("pwd").getpwuid(os.geteuid()).pw_name
+    assert "time.sleep(120)" in mine["command"] and mine["started"].startswith(time.strftime("%Y-"))
+    assert rows[(0, 1)]["reason"] == "PID 1 (init)" and rows[(0, os.getpid())]["reason"] == "a parent of torchtool"
+    assert [r["reason"] for r in report["processes"] if r["action"] == "leave" and r["pid"] not in (1, os.getpid())
+            ] == ["torchtool itself"]
+    assert rows[(1, b.pid)]["action"] == "end" and report["gpus"] is None
+    assert a.poll() is None and b.poll() is None  # nothing was signalled
+    only = _run(run_torchtool, env, "--dry-run", "--json", "--gpu", "1")[1]
+    assert [r["pid"] for r in only["processes"]] == [b.pid]
+    table = run_torchtool("gpu-reset", "--dry-run", env=env).stdout
+    assert "3.0 GB" in table and "torchtool itself" in table
+
+
+def test_without_a_terminal_it_refuses_to_act(tmp_path, children, run_torchtool):
+    a = children()
+    env = standin(tmp_path, [{"processes": [{"pid": a.pid, "used_bytes": 10}]}])
+    proc, _ = _run(run_torchtool, env)
+    assert proc.returncode == 2 and "no terminal to confirm on" in proc.stderr and str(a.pid) in proc.stdout
+    assert a.poll() is None
+
+
+def test_sigterm_then_sigkill_and_memory_freed(tmp_path, children, run_torchtool):
+    polite, stubborn = children(), children(IGNORES_TERM)
+    env = standin(tmp_path, [{"name": "Stand-in", "base_bytes": 500, "processes": [
+        {"pid": polite.pid, "used_bytes": 2000}, {"pid": stubborn.pid, "used_bytes": 7000},
+        {"pid": "self", "used_bytes": 0}]}])
+    started = time.monotonic()
+    proc, report = _run(run_torchtool, env, "--yes", "--timeout", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = {r["pid"]: r["result"] for r in report["processes"]}
+    assert results[polite.pid] == "ended (SIGTERM)" and results[stubborn.pid] == "killed (SIGKILL)"
+    assert polite.wait(5) == -signal.SIGTERM and stubborn.wait(5) == -signal.SIGKILL
+    assert time.monotonic() - started >= 1  # the survivor got its --timeout before SIGKILL
+    (summary,) = report["gpus"]
+    assert summary["used_before_bytes"] == 9500 and summary["used_after_bytes"] == 500
+    assert summary["freed_bytes"] == 9000 and summary["reset"] is None
+
+
+def test_a_recycled_pid_is_never_signalled(tmp_path, children, run_torchtool):
+    a = children()
+    real = gpu.proc_start_ticks(a.pid)
+    # the listing believes another start time: the process it saw is gone and the PID was given to this one
+    env = standin(tmp_path, [{"processes": [{"pid": a.pid, "used_bytes": 10, "start_ticks": real - 1000}]}])
+    proc, report = _run(run_torchtool, env, "--yes", "--timeout", "0.2", "--json")
+    assert report["processes"][0]["result"] == "not signalled: the PID now belongs to another process (recycled)"
+    time.sleep(0.3)
+    assert a.poll() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a process as another user needs root")
+def test_another_users_process_needs_all_users(tmp_path, children, run_torchtool):
+    other = children(user=65534)  # nobody
+    env = standin(tmp_path, [{"processes": [{"pid": other.pid, "used_bytes": 10}]}])
+    proc, report = _run(run_torchtool, env, "--yes", "--json")
+    row = report["processes"][0]
+    assert row["action"] == "leave" and row["reason"].startswith("not yours (user nobody)") and row["result"] is None
+    assert other.poll() is None
+    proc, report = _run(run_torchtool, env, "--yes", "--all-users", "--timeout", "1", "--json", "--reset")
+    assert report["processes"][0]["result"] == "ended (SIGTERM)"
+    assert report["gpus"][0]["processes_left"] == 0
+    assert report["gpus"][0]["reset"] == "not reset: nvidia-smi is not installed" or shutil_which_nvidia()
+    assert proc.returncode == 1  # --reset asked for and not done
+
+
+def shutil_which_nvidia() -> bool:
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None
+
+
+def test_device_files_without_a_context_are_listed(tmp_path, children, run_torchtool):
+    prefix = tmp_path / "dev" / "nvidia"
+    prefix.parent.mkdir()
+    for name in ("nvidia0", "nvidia1", "nvidiactl"):
+        (prefix.parent / name).write_text("")
+    holder = children(f"f = [open({str(prefix)!r} + n) for n in ('0', 'ctl')]; " + SLEEPS)
+    other_gpu = children(f"f = open({str(prefix)!r} + '1'); " + SLEEPS)
+    env = standin(tmp_path, [{"processes": []}, {"processes": []}], device_prefix=str(prefix))
+    report = _run(run_torchtool, env, "--dry-run", "--json", "--gpu", "0")[1]
+    rows = [(r["gpu"], r["pid"], r["kind"]) for r in report["processes"]]
+    assert rows == [(None, holder.pid, "device file"), (0, holder.pid, "device file")]  # not GPU 1's holder
+    assert "without a CUDA context" in report["processes"][0]["reason"]
+    assert other_gpu.pid not in {r["pid"] for r in report["processes"]}
+
+
+def test_reset_says_why_not(monkeypatch):
+    idle = gpu.Gpu(0, "Stand-in", 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert gpu.reset_gpu(idle, 0) == "not reset: not root (nvidia-smi --gpu-reset needs root)"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert gpu.reset_gpu(idle, 2) == "not reset: 2 process(es) still hold it"
+    assert gpu.reset_gpu(gpu.Gpu(0, "x", 0, mig=True, display=True), 0) == \
+        "not reset: MIG is enabled on it; it drives a display"
+
+
+def test_no_driver_is_one_line_and_no_torch(run_python):
+    code = ("import sys\nfrom torchtool.cli import main\ntry:\n    main(['gpu-reset', '--dry-run'])\n"
+            "except SystemExit as e:\n    print('exit', e.code)\nprint('torch' in sys.modules)")
+    proc = run_python("-c", code, env={gpu.STANDIN_ENV: ""})
+    if "exit 0" in proc.stdout:
+        pytest.skip("this machine has an NVIDIA driver")
+    assert proc.stdout.split() == ["exit", "1", "False"], proc.stdout + proc.stderr
+    assert proc.stderr.startswith("torchtool: error: no NVIDIA driver or NVML library here")
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_gpu_and_all_users_without_root(tmp_path, run_torchtool):
+    env = standin(tmp_path, [{"processes": []}])
+    proc, _ = _run(run_torchtool, env, "--gpu", "3", "--dry-run")
+    assert proc.returncode == 2 and "--gpu 3: there is no such GPU" in proc.stderr and "GPUs here: 0" in proc.stderr
