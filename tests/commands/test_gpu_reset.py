@@ -152,11 +152,14 @@ def test_device_files_without_a_context_are_listed(tmp_path, children, run_torch
     holder = children(f"f = [open({str(prefix)!r} + n) for n in ('0', 'ctl')]; " + SLEEPS)
     other_gpu = children(f"f = open({str(prefix)!r} + '1'); " + SLEEPS)
     env = standin(tmp_path, [{"processes": []}, {"processes": []}], device_prefix=str(prefix))
+    ctl_only = children(f"f = open({str(prefix)!r} + 'ctl'); " + SLEEPS)
     report = _run(run_torchtool, env, "--dry-run", "--json", "--gpu", "0")[1]
     rows = [(r["gpu"], r["pid"], r["kind"]) for r in report["processes"]]
-    assert rows == [(None, holder.pid, "device file"), (0, holder.pid, "device file")]  # not GPU 1's holder
+    assert rows == [(0, holder.pid, "device file")]  # one row; not GPU 1's holder, not a ctl-only one
     assert "without a CUDA context" in report["processes"][0]["reason"]
-    assert other_gpu.pid not in {r["pid"] for r in report["processes"]}
+    every = _run(run_torchtool, env, "--dry-run", "--json")[1]
+    assert sorted((r["gpu"] if r["gpu"] is not None else -1, r["pid"]) for r in every["processes"]) == sorted(
+        [(-1, ctl_only.pid), (0, holder.pid), (1, other_gpu.pid)])
 
 
 def test_reset_says_why_not(monkeypatch):
@@ -184,3 +187,18 @@ def test_unknown_gpu_and_all_users_without_root(tmp_path, run_torchtool):
     env = standin(tmp_path, [{"processes": []}])
     proc, _ = _run(run_torchtool, env, "--gpu", "3", "--dry-run")
     assert proc.returncode == 2 and "--gpu 3: there is no such GPU" in proc.stderr and "GPUs here: 0" in proc.stderr
+
+
+def test_a_process_on_two_gpus_is_signalled_once(children, monkeypatch):
+    from torchtool.core.gpu import reset
+
+    child = children()
+    rows = [gpu.Holder(i, child.pid, "cuda", 10) for i in (0, 1)]
+    for row in rows:
+        assert gpu.proc.describe_pid(row)
+    sent = []
+    real_kill = os.kill
+    monkeypatch.setattr(os, "kill", lambda pid, sig: (sent.append((pid, sig)), real_kill(pid, sig)))
+    reset.end_holders(rows, timeout=3)
+    assert sent == [(child.pid, signal.SIGTERM)]  # signals pending at once would merge: count the calls
+    assert [r.result for r in rows] == ["ended (SIGTERM)"] * 2

@@ -31,8 +31,13 @@ def _protected() -> dict[int, str]:
     return keep
 
 
-def find_holders(gpus: list[Gpu], nvml: Backend, all_users: bool) -> list[Holder]:
-    """Every process holding the selected GPUs, each with ``action`` "end" or "leave" and the reason."""
+def find_holders(gpus: list[Gpu], nvml: Backend, all_users: bool, every_gpu: bool = True) -> list[Holder]:
+    """Every process holding the selected GPUs, each with ``action`` "end" or "leave" and the reason.
+
+    A process with device files open but no CUDA context is one row: on the first selected GPU
+    whose /dev/nvidiaN it holds, or (with ``every_gpu``, no --gpu given) on none when it holds
+    only /dev/nvidiactl or /dev/nvidia-uvm.
+    """
     selected = {g.index for g in gpus}
     holders: dict[tuple[int | None, int], Holder] = {}
     for gpu in gpus:
@@ -42,9 +47,9 @@ def find_holders(gpus: list[Gpu], nvml: Backend, all_users: bool) -> list[Holder
     for pid, devices in device_file_holders(nvml.device_prefix()).items():
         if pid in with_context:
             continue
-        for dev in sorted(devices, key=lambda d: -1 if d is None else d):
-            if dev is None or dev in selected:
-                holders.setdefault((dev, pid), Holder(dev, pid, "device file"))
+        mine = sorted(devices & selected)
+        if mine or (every_gpu and devices <= {None}):
+            holders[(mine[0] if mine else None, pid)] = Holder(mine[0] if mine else None, pid, "device file")
     keep, me, root = _protected(), os.geteuid(), os.geteuid() == 0
     believed = getattr(nvml, "start_ticks", lambda pid: None)
     for h in holders.values():
@@ -82,9 +87,12 @@ def _wait(holders: list[Holder], timeout: float) -> None:
 
 def end_holders(holders: list[Holder], timeout: float) -> None:
     """SIGTERM, ``timeout`` seconds, then SIGKILL to survivors; each target's ``result`` says what happened."""
-    targets = [h for h in holders if h.action == "end"]
+    targets: dict[int, Holder] = {}  # one process on two GPUs is one row each, and signalled once
+    for h in holders:
+        if h.action == "end":
+            targets.setdefault(h.pid, h)
     termed = []
-    for h in targets:
+    for h in targets.values():
         if not alive(h.pid, h.start_ticks):
             h.result = ("not signalled: the PID now belongs to another process (recycled)"
                         if proc_start_ticks(h.pid) is not None else "already gone")
@@ -106,6 +114,9 @@ def end_holders(holders: list[Holder], timeout: float) -> None:
     _wait(survivors, 5.0)
     for h in survivors:
         h.result = "still running after SIGKILL" if alive(h.pid, h.start_ticks) else "killed (SIGKILL)"
+    for h in holders:
+        if h.action == "end":
+            h.result = targets[h.pid].result
 
 
 def select_gpus(all_gpus: list[Gpu], wanted: list[int] | None) -> list[Gpu]:
@@ -157,7 +168,8 @@ def plan(wanted: list[int] | None, all_users: bool) -> ResetPlan:
         raise UsageError("--all-users needs root", hint="run it as root, or leave --all-users out")
     nvml = backend()
     gpus = select_gpus(nvml.gpus(), wanted)
-    return ResetPlan(nvml, gpus, find_holders(gpus, nvml, all_users), {g.index: g.used_bytes for g in gpus})
+    return ResetPlan(nvml, gpus, find_holders(gpus, nvml, all_users, every_gpu=not wanted),
+                     {g.index: g.used_bytes for g in gpus})
 
 
 def execute(p: ResetPlan, timeout: float, reset: bool) -> list[dict[str, Any]]:
