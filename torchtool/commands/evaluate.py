@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from torchtool.commands._options import (
-    DEFAULT_WORKERS, MAX_PIXELS, Amp, Device, Format, InferBatchSize, Json, MaxPixels, ModelName, Overwrite, Quiet,
+    DEFAULT_WORKERS, MAX_PIXELS, Amp, Device, FastDecode, Format, InferBatchSize, Json, MaxPixels, ModelName, Overwrite, Quiet,
     Strict, Workers,
 )
 from torchtool.core import output
@@ -46,6 +46,7 @@ def run(
     workers: Workers = DEFAULT_WORKERS,
     device: Device = "auto",
     amp: Amp = False,
+    fast_decode: FastDecode = False,
     strict: Strict = False,
     max_pixels: MaxPixels = MAX_PIXELS,
     overwrite: Overwrite = False,
@@ -67,6 +68,7 @@ def run(
         checkpoint=checkpoint, model=model, weights=weights, data=str(data) if data else None, predictions=predictions,
         classes=classes, topk=_topk(topk), csv=_str(csv), confusion_csv=_str(confusion_csv), plot=_str(plot),
         save_predictions=_str(save_predictions), batch_size=batch_size, workers=workers, device=device, amp=amp,
+        fast_decode=fast_decode,
         strict=strict, max_pixels=max_pixels, overwrite=overwrite, quiet=quiet))
     if fmt == "json":
         output.emit(report, fmt)

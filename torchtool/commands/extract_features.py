@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.commands._options import (
-    DEFAULT_WORKERS, MAX_PIXELS, Amp, Device, Format, InferBatchSize, Json, MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
+    DEFAULT_WORKERS, MAX_PIXELS, Amp, Device, FastDecode, Format, InferBatchSize, Json, MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
 )
 from torchtool.core import output
 
@@ -43,6 +43,7 @@ def run(
     workers: Workers = DEFAULT_WORKERS,
     device: Device = "auto",
     amp: Amp = False,
+    fast_decode: FastDecode = False,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     strict: Strict = False,
@@ -72,7 +73,7 @@ def run(
         inputs=inputs or [], model=model, weights=weights, layers=layer, pool=pool, normalize=normalize, dtype=dtype,
         out=str(out), list_file=str(list_file) if list_file else None, batch_size=batch_size, workers=workers,
         device=device, amp=amp, image_size=image_size, resize=resize, overwrite=overwrite, strict=strict,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, fast_decode=fast_decode,
         quiet=quiet, seed=seed,
     )
     summary = run_extraction(config)

@@ -57,17 +57,18 @@ class BadInputs:
 def image_loader(paths: Sequence[str | Path], preprocess: Any, device: torch.device, *,
                  targets: Sequence[int] | None = None, batch_size: int | None = None,
                  workers: int = runtime.DEFAULT_WORKERS, max_pixels: int = MAX_PIXELS,
-                 pin_memory: bool | None = None) -> tuple[Any, Normalize]:
+                 pin_memory: bool | None = None, fast_decode: bool = False) -> tuple[Any, Normalize]:
     """(loader, normalize) for :func:`run`: workers decode and crop to uint8 (the weights' Resize +
     CenterCrop, 4x less to pass on than floats); the batch is normalised on the device.
 
     ``preprocess`` is a :class:`~torchtool.core.models.preprocess.Preprocess`; ``batch_size``
     None is the device's default; ``workers`` is capped at the CPUs; ``pin_memory`` None pins
-    for CUDA.
+    for CUDA; ``fast_decode`` decodes JPEGs at a reduced DCT scale that still covers the resize.
     """
     crop = preprocess.crop_size
     dataset = ImageDataset(paths, CenterCrop(crop, preprocess.resize_size, preprocess.interpolation), targets,
-                           fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=max_pixels)
+                           fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=max_pixels,
+                           decode_at_least=preprocess.resize_size if fast_decode else None)
     loader = make_loader(dataset, batch_size or runtime.default_batch_size(device), cap_workers(workers),
                          pin_memory=device.type == "cuda" if pin_memory is None else pin_memory)
     return loader, Normalize(preprocess.mean, preprocess.std, device)

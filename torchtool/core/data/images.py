@@ -94,10 +94,14 @@ def _open_regular(path: str | os.PathLike) -> Any:
     return os.fdopen(fd, "rb")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Any:
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, decode_at_least: int | None = None) -> Any:
     """Open an image as RGB with EXIF orientation applied; raise ValueError/OSError if bad.
 
     Only regular files are read: a FIFO, socket or device named like an image is refused.
+    With ``decode_at_least`` (``--fast-decode``) a JPEG is decoded at the largest DCT scale
+    (1/2, 1/4, 1/8: ``PIL.Image.draft``, what ``thumbnail()`` does) that keeps both sides at
+    least that many pixels: a 12-megapixel photo costs a quarter of the time, and the resize
+    that follows starts from a smaller picture. Other formats decode in full.
     """
     from PIL import Image, ImageOps
 
@@ -110,6 +114,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Any:
             width, height = img.size
             if width * height > max_pixels:
                 raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels} (--max-pixels)")
+            if decode_at_least and img.format == "JPEG":
+                img.draft(None, (decode_at_least, decode_at_least))
             img.load()  # decode now so truncated files fail here, not later
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)

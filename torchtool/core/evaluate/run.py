@@ -48,6 +48,7 @@ class EvalConfig:
     workers: int = runtime.DEFAULT_WORKERS
     device: str = "auto"
     amp: bool = False
+    fast_decode: bool = False  # JPEGs decoded at a reduced DCT scale (data.images.load_image)
     strict: bool = False
     max_pixels: int = MAX_PIXELS
     overwrite: bool = False
@@ -198,7 +199,8 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
     mine = np.asarray(shard(len(images.paths), dist.rank, dist.world_size), dtype=np.int64)
     my_paths = [images.paths[i] for i in mine]
     loader, normalize = infer.image_loader(my_paths, pre, dev, targets=[images.targets[i] for i in mine],
-                                           batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels)
+                                           batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
+                                           fast_decode=cfg.fast_decode)
     bad = infer.BadInputs(my_paths, cfg.strict)
     parts: list[tuple[np.ndarray, ...]] = []
     loop_started = time.perf_counter()
@@ -230,7 +232,7 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
     top_k = {f"top{k}": float((top_idx[:, :k] == labels[:, None]).any(axis=1).mean()) for k in ks}
     report = {**build_report(preds, top_k), "matched_by": images.matched_by, "skipped": skipped,
               "source": {"model": built.arch, "weights": built.weights, "data": images.source,
-                         "device": str(dev), "amp": cfg.amp},
+                         "device": str(dev), "amp": cfg.amp, "fast_decode": cfg.fast_decode},
               # the rate of the inference loop itself (model loading and start-up are in "seconds")
               "images_per_s": round(len(images.paths) / max(loop_seconds, 1e-9), 2),
               "seconds": round(time.perf_counter() - started, 3)}

@@ -46,6 +46,7 @@ class ExtractConfig:
     workers: int = runtime.DEFAULT_WORKERS
     device: str = "auto"
     amp: bool = False
+    fast_decode: bool = False  # JPEGs decoded at a reduced DCT scale (data.images.load_image)
     image_size: int | None = None
     resize: int | None = None
     overwrite: bool = False
@@ -85,7 +86,8 @@ def _fingerprint(cfg: ExtractConfig, arch: str, weights: str, layers: list[Any],
         stat = weights_file.stat()
         weights = f"{weights} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
     return {"model": arch, "weights": weights, "seed": cfg.seed, "layers": [asdict(lay) for lay in layers], "normalize": cfg.normalize,
-            "amp": cfg.amp, "dtype": cfg.dtype, "preprocess": preprocess, "inputs_sha256": digest, "rows": len(paths)}
+            "amp": cfg.amp, "dtype": cfg.dtype, "preprocess": preprocess, "fast_decode": cfg.fast_decode,
+            "inputs_sha256": digest, "rows": len(paths)}
 
 
 def _versions() -> dict[str, str]:
@@ -165,7 +167,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
     # is normalised on the device, one forward gives every layer, rows are written as they come
     mine = [paths[i] for i in todo]
     loader, normalize = infer.image_loader(mine, preprocess, dev, batch_size=cfg.batch_size, workers=cfg.workers,
-                                           max_pixels=cfg.max_pixels)
+                                           max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
     bad = infer.BadInputs(mine, cfg.strict)
     trim = runtime.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
     loop_started = time.perf_counter()
