@@ -41,9 +41,10 @@ def _json(*args):
 
 
 def test_statistics_are_self_consistent():
+    threads = torch.get_num_threads()
     report = _json(TINY, "--batch-size", "4", "--backward", "--threads", "1", *FAST)
     assert report["threads"] == 1 and report["device"] == "cpu" and report["input_size"] == [[3, 32, 32]]
-    assert torch.get_num_threads() >= 1  # put back after the run
+    assert torch.get_num_threads() == threads  # put back after the run
     for key in ("forward", "training_step"):
         rec = report[key]
         assert rec["samples_per_s"] == pytest.approx(4 / (rec["median_ms"] / 1e3), rel=1e-9)

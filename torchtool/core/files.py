@@ -16,7 +16,7 @@ import fcntl
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,36 @@ def stdin_paths() -> list[Path]:
 
     stdin = getattr(sys.stdin, "buffer", None)
     return read_path_list(os.fsdecode(line) for line in stdin) if stdin else read_path_list(sys.stdin)
+
+
+def find_inputs(paths: Sequence[str], list_file: str | os.PathLike | None, wanted: Callable[[str], bool],
+                what: str, extensions: Sequence[str]) -> list[tuple[Path, Path]]:
+    """Command-line inputs in order as (file, the folder it was found under): a list file's paths first,
+    then each of ``paths`` (a folder walked for ``wanted`` names, ``-`` for paths on stdin, a file).
+
+    Paths named on the command line must exist; paths from lists are kept even when missing,
+    so they show up as failed rows rather than silently vanishing. A file's folder is its parent.
+    """
+    found: list[tuple[Path, Path]] = []
+    if list_file is not None:
+        if not Path(list_file).is_file():
+            raise UsageError(f"no such list file: {list_file}")
+        with open(list_file, encoding="utf-8", errors="surrogateescape") as fh:  # any file name, byte for byte
+            found += [(p, p.parent) for p in read_path_list(fh)]
+    for raw in paths:
+        path = Path(raw)
+        if raw == "-":
+            found += [(p, p.parent) for p in stdin_paths()]
+        elif path.is_dir():
+            found += [(p, path) for p in walk_files(path, wanted)]
+        elif path.exists():
+            found.append((path, path.parent))
+        else:
+            raise UsageError(f"no such file or directory: {raw}")
+    if not found:
+        raise UsageError(f"no {what} found in the inputs",
+                         hint=f"looked for {', '.join(extensions)} files (case-insensitive)")
+    return found
 
 
 def free_bytes(folder: str | os.PathLike) -> int:

@@ -71,6 +71,12 @@ def error_line(message: str, hint: str | None = None) -> str:
     return text
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as ``Type: first line of its message``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def is_main_process() -> bool:
     """False in the processes of rank 1, 2, ... under torchrun: they write no records or logs."""
     return os.environ.get("RANK", "0") == "0"

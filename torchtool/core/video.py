@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.files import atomic_write, read_path_list, stdin_paths, walk_files
+from torchtool.core.files import atomic_write, find_inputs
 from torchtool.core.output import UsageError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
@@ -48,33 +48,10 @@ def is_video_name(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(VIDEO_EXTENSIONS)
 
 
-def _inputs(lines: Iterable[str]) -> list[VideoInput]:
-    return [VideoInput(path, path.parent) for path in read_path_list(lines)]
-
-
 def find_videos(paths: Sequence[str], list_file: str | os.PathLike | None = None) -> list[VideoInput]:
     """Command-line inputs as videos in order: a list file first, then each path (``-``: stdin)."""
-    videos: list[VideoInput] = []
-    if list_file is not None:
-        if not Path(list_file).is_file():
-            raise UsageError(f"no such list file: {list_file}")
-        with open(list_file, encoding="utf-8", errors="surrogateescape") as fh:
-            videos += _inputs(fh)
-    for raw in paths:
-        if raw == "-":
-            videos += [VideoInput(path, path.parent) for path in stdin_paths()]
-            continue
-        path = Path(raw)
-        if path.is_dir():
-            videos += [VideoInput(p, path) for p in walk_files(path, is_video_name)]
-        elif path.exists() or path.is_symlink():
-            videos.append(VideoInput(path, path.parent))
-        else:
-            raise UsageError(f"no such file or directory: {raw}")
-    if not videos:
-        raise UsageError("no videos found in the inputs",
-                         hint=f"looked for {', '.join(VIDEO_EXTENSIONS)} files (case-insensitive)")
-    return videos
+    return [VideoInput(path, root) for path, root in
+            find_inputs(paths, list_file, is_video_name, "videos", VIDEO_EXTENSIONS)]
 
 
 def cv2() -> Any:

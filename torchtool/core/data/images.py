@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.files import read_path_list, stdin_paths, walk_files
-from torchtool.core.output import UsageError
+from torchtool.core.files import find_inputs, walk_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Refuse images with more pixels than this (PIL's own bomb limit), decoded or not.
@@ -39,28 +38,7 @@ def find_images(paths: Sequence[str], list_file: str | os.PathLike | None = None
     named on the command line must exist; paths from lists are kept even when missing,
     so they show up as skipped rows rather than silently vanishing.
     """
-    images: list[Path] = []
-    if list_file is not None:
-        list_path = Path(list_file)
-        if not list_path.is_file():
-            raise UsageError(f"no such list file: {list_path}")
-        with open(list_path, encoding="utf-8", errors="surrogateescape") as fh:  # any file name, byte for byte
-            images.extend(read_path_list(fh))
-    for raw in paths:
-        if raw == "-":
-            images.extend(stdin_paths())
-            continue
-        path = Path(raw)
-        if path.is_dir():
-            images.extend(walk_images(path))
-        elif path.exists():
-            images.append(path)
-        else:
-            raise UsageError(f"no such file or directory: {raw}")
-    if not images:
-        raise UsageError("no images found in the inputs",
-                         hint=f"looked for {', '.join(IMAGE_EXTENSIONS)} files (case-insensitive)")
-    return images
+    return [path for path, _ in find_inputs(paths, list_file, is_image_name, "images", IMAGE_EXTENSIONS)]
 
 
 def _to_rgb(img: Any) -> Any:

@@ -24,9 +24,9 @@ from torchtool.core.inspect.inputs import InputSpec, make_inputs, parse_input_si
 from torchtool.core.inspect.timing import measure, warm_up
 from torchtool.core.inspect.tips import CATALOG, TIPS, compare_tips
 from torchtool.core.inspect.trace import check_script, profile_steps, run_script
-from torchtool.core.inspect.tracking import ModuleCalls, first_line
+from torchtool.core.inspect.tracking import ModuleCalls
 from torchtool.core.models.spec import resolve_model
-from torchtool.core.output import Failure, TorchtoolError, UsageError
+from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line
 from torchtool.core.runtime import resolve_device
 
 TRACE_STEPS = 3

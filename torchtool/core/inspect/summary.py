@@ -14,6 +14,7 @@ without a meta kernel) runs once for real on the CPU instead, with a note.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchtool.core.files import check_writable, human_bytes
 from torchtool.core.inspect.graph import autograd_dot, check_graph_path, write_graph
 from torchtool.core.inspect.inputs import InputSpec, make_inputs, parse_input_size, torch_dtype
-from torchtool.core.inspect.tracking import LiveBytes, ModuleCalls, first_line
+from torchtool.core.inspect.tracking import LiveBytes, ModuleCalls
 from torchtool.core.models.spec import ModelSource, resolve_model
-from torchtool.core.output import Failure, TorchtoolError, UsageError
+from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line
 
 # Errors that say "the meta device cannot do this" rather than "the input does not fit".
 _META_LIMITS = ("meta", "data-dependent", "data dependent", "item()", "cannot be called on", "nonzero",
@@ -216,9 +217,7 @@ def summarize(cfg: SummaryConfig) -> dict[str, Any]:
     if why:
         notes.append(why)
 
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total, trainable = _counts(model)
     report: dict[str, Any] = {
         "model": source.label,
         "input_size": [list(s.shape) for s in specs],
@@ -231,7 +230,7 @@ def summarize(cfg: SummaryConfig) -> dict[str, Any]:
         "non_trainable_params": total - trainable,
         "macs": fwd.total_flops // 2,
         "flops": fwd.total_flops,
-        "param_bytes": _bytes(params),
+        "param_bytes": _bytes(list(model.parameters())),
         "buffer_bytes": _bytes(list(model.buffers())),
         "input_bytes": _bytes(inputs),
         "forward_bytes": fwd.peak_bytes,
@@ -250,8 +249,6 @@ def summarize(cfg: SummaryConfig) -> dict[str, Any]:
 
 def _check_fits(model: Any, label: str, reason: str) -> None:
     """Refuse a real CPU forward of a model whose weights would not fit in memory."""
-    import os
-
     if model is None:
         return
     need = _bytes(list(model.parameters())) + _bytes(list(model.buffers()))

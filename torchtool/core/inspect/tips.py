@@ -16,8 +16,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from torchtool.core.inspect.timing import measure
-from torchtool.core.inspect.tracking import first_line
 from torchtool.core.models.fuse import fold_batchnorm
+from torchtool.core.output import first_line
 
 TIPS = ("channels_last", "bf16", "fp16", "cudnn_benchmark", "compile", "inference_mode", "fold_bn")
 FP32_TOLERANCE = 1e-3  # a different kernel or summation order; TF32 convolutions on CUDA are the baseline's too

@@ -16,7 +16,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from torchtool.core.output import UsageError
+from torchtool.core.output import UsageError, first_line
 
 
 def shapes_of(value: Any) -> Any:
@@ -92,12 +92,6 @@ def _cpu_reason(module: Any, args: Any, exc: BaseException) -> BaseException:
     except Exception as cpu_exc:  # the same mistake, in the CPU kernel's words
         return cpu_exc
     return exc
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as ``Type: first line of its message``."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def storage_key(tensor: Any) -> int | None:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from torchtool.core.models.names import check_arch
 from torchtool.core.models.preprocess import Preprocess
-from torchtool.core.output import Failure, UsageError, suggest
+from torchtool.core.output import Failure, UsageError, first_line, suggest
 
 
 
@@ -54,41 +54,39 @@ class ModelSource:
         return model
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _load_file(path: Path) -> Any:
+    """Run a .py file as a module; its folder joins sys.path, as `python file.py` does, so its own imports work."""
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(f"torchtool_factory_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _import_module(where: str) -> Any:
-    """The module of ``where``: a dotted name on sys.path, or a .py file (its folder joins sys.path)."""
+    """The module of ``where``: a dotted name on sys.path (and the current folder), or a .py file."""
     if where.endswith(".py") or os.sep in where:
         path = Path(where).expanduser()
         if not path.is_file():
             raise UsageError(f"no such file: {path}", hint="give path/to/file.py:factory")
-        folder = str(path.resolve().parent)
-        if folder not in sys.path:  # as `python file.py` does, so the file's own imports work
-            sys.path.insert(0, folder)
-        spec = importlib.util.spec_from_file_location(f"torchtool_factory_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        loader = spec.loader.exec_module
+        load = lambda: _load_file(path)  # noqa: E731
     else:
-        module, loader = None, None
         if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` and uvicorn do: the current folder
             sys.path.insert(0, os.getcwd())
+        load = lambda: importlib.import_module(where)  # noqa: E731
     try:
-        if loader is None:
-            return importlib.import_module(where)
-        loader(module)
-        return module
+        return load()
     except ModuleNotFoundError as exc:
         if exc.name and where.startswith(exc.name):
             raise UsageError(f"cannot import {where!r}: no module named {exc.name!r}",
                              hint="is it installed, or on PYTHONPATH? a file is given as path/to/file.py:factory"
                              ) from None
-        raise Failure(f"importing {where} failed: {_first_line(exc)}") from None
+        raise Failure(f"importing {where} failed: {first_line(exc)}") from None
     except Exception as exc:  # the module's own code failed
-        raise Failure(f"importing {where} failed: {_first_line(exc)}", hint="rerun with --debug for the traceback"
+        raise Failure(f"importing {where} failed: {first_line(exc)}", hint="rerun with --debug for the traceback"
                       ) from None
 
 
@@ -110,7 +108,7 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> ModelSource:
         try:
             return obj(**kwargs)
         except TypeError as exc:
-            raise UsageError(f"{spec}(**kwargs) failed: {_first_line(exc)}", hint="check --kwargs") from None
+            raise UsageError(f"{spec}(**kwargs) failed: {first_line(exc)}", hint="check --kwargs") from None
 
     return ModelSource(spec, "factory", Preprocess(), build)
 
@@ -149,7 +147,7 @@ def _torchvision(name: str, kwargs: dict[str, Any]) -> ModelSource:
         try:
             return torchvision.models.get_model(name, weights=None, **options)
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"{name}(**kwargs) failed: {_first_line(exc)}", hint="check --kwargs") from None
+            raise UsageError(f"{name}(**kwargs) failed: {first_line(exc)}", hint="check --kwargs") from None
 
     return ModelSource(name, "torchvision", preprocess, build)
 
