@@ -33,8 +33,8 @@ MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, metavar="N", help
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
 Amp = Annotated[bool, typer.Option("--amp", help="Mixed precision (autocast: bf16 or fp16 where it helps).")]
 FastDecode = Annotated[bool, typer.Option(
-    "--fast-decode", help="Decode JPEGs at a reduced DCT scale that still covers the resize (4x less decoding for "
-    "phone photos; not pixel-exact: about 44 dB PSNR).")]
+    "--fast-decode", help="Decode JPEGs at a reduced DCT scale that still covers the resize (in training: the "
+    "smallest random crop); 4x less decoding for phone photos; not pixel-exact: about 44 dB PSNR.")]
 Weights = Annotated[
     str,
     typer.Option("--weights", "-w", help="DEFAULT (pretrained, cached under TORCH_HOME), a weights name such as "

@@ -11,15 +11,16 @@ evaluate, profile) iterates :func:`run`; the rule for unreadable inputs lives on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from torchtool.core import runtime
-from torchtool.core.data.images import MAX_PIXELS
+from torchtool.core.data.images import MAX_PIXELS, DecodeFloor
 from torchtool.core.data.loading import ImageDataset, cap_workers, make_loader
 from torchtool.core.data.transforms import CenterCrop, Normalize
 from torchtool.core.output import Failure
@@ -68,7 +69,7 @@ def image_loader(paths: Sequence[str | Path], preprocess: Any, device: torch.dev
     crop = preprocess.crop_size
     dataset = ImageDataset(paths, CenterCrop(crop, preprocess.resize_size, preprocess.interpolation), targets,
                            fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=max_pixels,
-                           decode_at_least=preprocess.resize_size if fast_decode else None)
+                           decode=DecodeFloor(preprocess.resize_size) if fast_decode else None)
     loader = make_loader(dataset, batch_size or runtime.default_batch_size(device), cap_workers(workers),
                          pin_memory=device.type == "cuda" if pin_memory is None else pin_memory)
     return loader, Normalize(preprocess.mean, preprocess.std, device)
@@ -94,18 +95,82 @@ def _to_device(images: torch.Tensor, device: torch.device, normalize: Any, chann
     return images
 
 
+@dataclass
+class LoadWait:
+    """How long THE loop waited for its batches: the measure of a loader-bound run.
+
+    The first batch is kept apart (its wait includes starting the workers, which no loader
+    setting removes); :attr:`fraction` is the share of the rest of the loop spent waiting.
+    """
+
+    first_s: float = 0.0  # the wait for the first batch
+    waited_s: float = 0.0  # the waits for every later batch
+    batches: int = 0
+    samples: int = 0  # the samples after the first batch
+    started: float = field(default_factory=time.perf_counter)
+    ended: float = 0.0
+
+    @property
+    def loop_s(self) -> float:
+        """The loop's time after the first batch arrived."""
+        return max(self.ended - self.started - self.first_s, 0.0)
+
+    @property
+    def fraction(self) -> float:
+        return self.waited_s / self.loop_s if self.loop_s > 0 else 0.0
+
+
+BOTTLENECK = 0.2  # above this share of the loop spent waiting, loading is what limits the run
+
+
+def loader_advice(wait: LoadWait, *, workers: int, fast_decode: bool, model: str = "MODEL",
+                  min_loop_s: float = 1.0) -> str | None:
+    """One line saying the loader was the bottleneck, with the figures and what may help; None otherwise.
+
+    Said only when the loop ran at least ``min_loop_s`` over 3 or more batches after the first
+    and waited more than :data:`BOTTLENECK` of it; ``workers`` is the number the loader had.
+    """
+    if wait.batches < 4 or wait.loop_s < min_loop_s or wait.fraction <= BOTTLENECK:
+        return None
+    cpus = runtime.available_cpus()
+    tries = [] if fast_decode else ["--fast-decode (JPEGs decoded at a reduced scale)"]
+    if workers < cpus:
+        tries.append(f"--workers {cpus} (this run had {workers}; {cpus} CPUs are free)")
+    tries.append(f"`torchtool profile {model} --dataloader DIR` to find the fastest --workers/--batch-size")
+    rate = wait.samples / wait.loop_s
+    return (f"loading was the bottleneck: the model waited for images {wait.fraction:.0%} of the loop "
+            f"({wait.waited_s:.1f} s of {wait.loop_s:.1f} s, {rate:.1f} images/s); try " + ", ".join(tries))
+
+
 @torch.inference_mode()
 def run(model: Any, loader: Any, device: torch.device, *, bad: BadInputs, normalize: Any = None,
-        amp: bool = False, channels_last: bool = True, bar: Any = None) -> Iterator[Batch]:
+        amp: bool = False, channels_last: bool = True, bar: Any = None, wait: LoadWait | None = None) -> Iterator[Batch]:
     """Run ``model`` over a loader of ``(images, targets, indices, errors)`` batches.
 
     ``normalize`` (e.g. :class:`~torchtool.core.data.transforms.Normalize`) turns uint8
     batches into the model's input on the device; without it the batch is moved as it is
     (channels_last for 4-D images). The model runs under ``inference_mode`` (only while the
     generator runs: the caller's code between batches is unaffected) and under autocast
-    when ``amp``. ``bar`` is updated with every sample, good or not.
+    when ``amp``. ``bar`` is updated with every sample, good or not. ``wait`` (a
+    :class:`LoadWait`) adds up the time spent waiting for each batch.
     """
-    for images, targets, indices, errors in loader:
+    wait = LoadWait() if wait is None else wait
+    wait.started = time.perf_counter()
+    batches = iter(loader)
+    while True:
+        asked = time.perf_counter()
+        item = next(batches, None)
+        now = time.perf_counter()
+        if item is None:
+            wait.ended = now
+            return
+        images, targets, indices, errors = item
+        if wait.batches == 0:
+            wait.first_s = now - asked
+        else:
+            wait.waited_s += now - asked
+            wait.samples += len(errors)
+        wait.batches += 1
         good = bad.check(indices.tolist(), errors)
         if bar is not None:
             bar.update(len(errors))
@@ -120,4 +185,3 @@ def run(model: Any, loader: Any, device: torch.device, *, bad: BadInputs, normal
             with autocast(device, amp):
                 outputs = model(_to_device(images, device, normalize, channels_last))
         yield Batch(indices, good, batch_errors, targets, outputs)
-

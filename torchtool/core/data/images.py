@@ -10,6 +10,7 @@ import os
 import stat
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,33 @@ def _open_regular(path: str | os.PathLike) -> Any:
     return os.fdopen(fd, "rb")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, decode_at_least: int | None = None) -> Any:
+@dataclass(frozen=True)
+class DecodeFloor:
+    """How small a reduced JPEG decode (``--fast-decode``) may be: short side >= ``side`` pixels and
+    area >= ``area`` pixels (what a random crop of the smallest scale needs; 0: no area bound)."""
+
+    side: int
+    area: int = 0
+
+    def scale(self, width: int, height: int) -> int:
+        """The largest DCT scale denominator (8, 4, 2, else 1) whose decode still meets both bounds.
+
+        libjpeg's decode at 1/x is ceil(W/x) x ceil(H/x); the floors used here are never larger.
+        """
+        for x in (8, 4, 2):
+            w, h = width // x, height // x
+            if min(w, h) >= self.side and w * h >= self.area:
+                return x
+        return 1
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, decode: DecodeFloor | None = None) -> Any:
     """Open an image as RGB with EXIF orientation applied; raise ValueError/OSError if bad.
 
     Only regular files are read: a FIFO, socket or device named like an image is refused.
-    With ``decode_at_least`` (``--fast-decode``) a JPEG is decoded at the largest DCT scale
-    (1/2, 1/4, 1/8: ``PIL.Image.draft``, what ``thumbnail()`` does) that keeps both sides at
-    least that many pixels: a 12-megapixel photo costs a quarter of the time, and the resize
+    With ``decode`` (``--fast-decode``) a JPEG is decoded at the largest DCT scale (1/2, 1/4,
+    1/8: ``PIL.Image.draft``, what ``thumbnail()`` does) that still meets the
+    :class:`DecodeFloor`: a 12-megapixel photo costs a quarter of the time, and the resize
     that follows starts from a smaller picture. Other formats decode in full.
     """
     from PIL import Image, ImageOps
@@ -92,8 +113,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, decode_at_
             width, height = img.size
             if width * height > max_pixels:
                 raise ValueError(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels} (--max-pixels)")
-            if decode_at_least and img.format == "JPEG":
-                img.draft(None, (decode_at_least, decode_at_least))
+            scale = decode.scale(width, height) if decode is not None and img.format == "JPEG" else 1
+            if scale > 1:  # asking for exactly 1/scale of each side makes draft() pick that scale
+                img.draft(None, (width // scale, height // scale))
             img.load()  # decode now so truncated files fail here, not later
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)

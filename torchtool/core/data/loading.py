@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from torchtool.core.data.images import MAX_PIXELS, describe_error, load_image
+from torchtool.core.data.images import MAX_PIXELS, DecodeFloor, describe_error, load_image
 from torchtool.core.output import warn
 from torchtool.core.runtime import available_cpus
 
@@ -32,14 +32,14 @@ class ImageDataset:
 
     def __init__(self, paths: Sequence[str | os.PathLike], transform: Any, targets: Sequence[int] | None = None,
                  fallback_shape: tuple[int, ...] = (3, 224, 224), max_pixels: int = MAX_PIXELS,
-                 fallback_dtype: str = "float32", decode_at_least: int | None = None):
+                 fallback_dtype: str = "float32", decode: DecodeFloor | None = None):
         self.paths = [str(p) for p in paths]
         self.targets = list(targets) if targets is not None else None
         self.transform = transform
         self.fallback_shape = fallback_shape
         self.fallback_dtype = fallback_dtype
         self.max_pixels = max_pixels
-        self.decode_at_least = decode_at_least  # load_image's reduced JPEG decode (--fast-decode)
+        self.decode = decode  # load_image's reduced JPEG decode (--fast-decode)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,7 +49,7 @@ class ImageDataset:
 
         target = self.targets[index] if self.targets is not None else -1
         try:
-            img = load_image(self.paths[index], self.max_pixels, self.decode_at_least)
+            img = load_image(self.paths[index], self.max_pixels, self.decode)
             return self.transform(img), target, index, ""
         except Exception as exc:  # any decoder failure is a bad input, not a crash
             return (torch.zeros(self.fallback_shape, dtype=getattr(torch, self.fallback_dtype)), target, index,

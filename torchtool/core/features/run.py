@@ -170,9 +170,9 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
                                            max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
     bad = infer.BadInputs(mine, cfg.strict)
     trim = runtime.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
-    loop_started = time.perf_counter()
+    loop_started, wait = time.perf_counter(), infer.LoadWait()
     with progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet) as bar:
-        for batch in infer.run(extractor, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar):
+        for batch in infer.run(extractor, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait):
             rows = todo[batch.indices.numpy()]
             feats = {} if batch.outputs is None else {
                 k: v.float().cpu().numpy().astype(cfg.dtype, copy=False) for k, v in batch.outputs.items()}
@@ -196,6 +196,9 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
         store.finish() if complete else store.close()
         if counts["skipped"]:
             warn(f"{counts['skipped']} of {len(paths)} inputs could not be read; see {out / 'index.csv'}")
+        advice = infer.loader_advice(wait, workers=loader.num_workers, fast_decode=cfg.fast_decode, model=built.arch)
+        if advice:
+            info(advice, cfg.quiet)
     else:
         store.close()
     dist.barrier()  # no process exits (and gets its siblings killed by torchrun) before the files are final
