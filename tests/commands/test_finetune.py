@@ -55,8 +55,18 @@ def test_end_to_end_through_the_installed_executable(run_torchtool, digits4, tmp
     assert summary["best"] == str(out / "best.pth") and summary["export"] == str(export)
     assert "epoch 1/2" in proc.stderr and "epoch 2/2" in proc.stderr  # the per-epoch log lines
     lines = (out / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds" and len(lines) == 3
-    assert [float(line.split(",")[5]) for line in lines[1:]] == pytest.approx([0.005, 0.01])  # warm-up, then lr
+    assert lines[0] == "epoch,train_loss,train_acc,val_loss,val_acc,val_top5,lr,seconds" and len(lines) == 3
+    assert [float(line.split(",")[6]) for line in lines[1:]] == pytest.approx([0.005, 0.01])  # warm-up, then lr
+    # config.json: every setting, the versions and the command line, readable without loading a checkpoint
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["label_smoothing"] == 0.1 and config["config"]["model"] == "mobilenet_v3_small"
+    assert config["config"]["lr"] == 0.01 and config["config"]["weight_decay"] == 1e-4  # resolved, not None
+    assert set(config["versions"]) == {"torchtool", "torch", "torchvision", "python"}
+    assert config["versions"]["torch"] == torch.__version__ and config["preprocess"]["crop_size"] == 32
+    [command] = config["commands"]
+    assert command["from_epoch"] == 0 and command["argv"][1:6] == ["finetune", str(digits4), "--out", str(out),
+                                                                   "--model"]
+    assert command["command"].startswith(f"torchtool finetune {digits4} --out {out} --model mobilenet_v3_small")
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = load_checkpoint(out / "best.pth")
     assert best["epoch"] == summary["best_epoch"] and best["best_metric"] == summary["best_val_acc"]
@@ -139,7 +149,7 @@ def test_resume_keeps_the_runs_settings_and_takes_only_the_options_given(digits4
         ("adamw", 0.002, 0.1, 32)
     assert "epochs 2 -> 3" in more.stderr and "optimizer" not in more.stderr  # only what changed is reported
     assert "differ from those the run started with" not in more.stderr  # the same images
-    lrs = [float(line.split(",")[5]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    lrs = [float(line.split(",")[6]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     # epochs 1-2 on a 2-epoch cosine, epoch 3 where a 3-epoch cosine would be (not restarting, not flat at 0)
     assert lrs == pytest.approx([0.002, 0.001, 0.002 * (1 + math.cos(2 * math.pi / 3)) / 2])
     clash = invoke(digits4, "--out", out, "--resume", "--optimizer", "sgd", "--epochs", "4", "--quiet")  # the default
@@ -180,7 +190,7 @@ def test_warmup_as_long_as_the_run_warms_up_the_whole_run(digits4, tmp_path):
     result = invoke(digits4, "--out", tmp_path / "run", *SMALL, "--epochs", "2", "--warmup-epochs", "2")
     assert result.exit_code == 0, result.output
     assert "--warmup-epochs 2 covers the whole run" in result.stderr
-    lrs = [float(line.split(",")[5]) for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    lrs = [float(line.split(",")[6]) for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert lrs == pytest.approx([0.01 / 3, 0.02 / 3])  # LinearLR from lr/(N+1), never reaching the cosine
 
 
@@ -335,7 +345,7 @@ def test_tensorboard_missing_says_how_to_install(digits4, tmp_path):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(torchtool_exe, digits4, tmp_path):
     args = [str(digits4), *SMALL[:-1], "--epochs", "3", "--deterministic", "--augment", "light", "--mixup", "0.2",
-            "--quiet"]
+            "--ema", "0.9", "--quiet"]
     straight = runner.invoke(app, ["finetune", *args, "--out", str(tmp_path / "straight")])
     assert straight.exit_code == 0, straight.output
 
@@ -358,7 +368,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(torchtool_exe, digits
     a, b = load_checkpoint(tmp_path / "straight" / "last.pth"), load_checkpoint(out / "last.pth")
     assert b["epoch"] == 3
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert a["ema"].keys() == b["ema"].keys() and all(torch.equal(v, b["ema"][k]) for k, v in a["ema"].items())
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
+    assert [r["ema_val_acc"] for r in a["history"]] == [r["ema_val_acc"] for r in b["history"]]
     assert not list(out.glob(".*.tmp"))
 
 

@@ -256,7 +256,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(small_digits, tmp_path
         fit(config(small_digits, out, epochs=3))
     assert load_checkpoint(out / "last.pth")["epoch"] == 1
     assert load_checkpoint(out / "best.pth")["epoch"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "curves.png", "last.pth", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "config.json", "curves.png", "last.pth", "metrics.csv"]
     assert [r["epoch"] for r in metrics(out)] == [1.0]
 
 

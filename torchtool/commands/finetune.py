@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
-from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, TRAIN_BATCH, Amp, BatchSize, Device, Format, Json,
+from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, TRAIN_BATCH, Amp, BatchSize, Device, FastDecode, Format, Json,
                                          MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
                                          given_options)
 from torchtool.core import output
@@ -38,10 +39,21 @@ def run(
     batch_size: BatchSize = TRAIN_BATCH,
     workers: Workers = DEFAULT_WORKERS,
     image_size: Annotated[Optional[int], typer.Option(min=8, help="Crop size (default: the weights' own, e.g. 224); "
-                                                      "validation resizes in the weights' ratio, then center-crops.")] = None,
-    augment: Annotated[Literal["standard", "light", "none"], typer.Option(
+                                                      "validation resizes (see --crop-pct), then center-crops.")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(min=0, max=1, metavar="P", help="The share of the resized short "
+                                                      "side the center crop keeps (validation, --augment none; stored "
+                                                      "for evaluate and extract-features). Default: the weights' ratio, "
+                                                      "e.g. 224/256; 1.0: resize straight to the crop.")] = None,
+    interpolation: Annotated[Optional[Literal["bilinear", "bicubic", "nearest"]], typer.Option(
+        help="Resampling of every resize and crop (default: the weights').", show_default=False)] = None,
+    augment: Annotated[Literal["standard", "light", "none", "randaugment", "trivialaugment", "autoaugment"], typer.Option(
         help="standard: RandomResizedCrop 0.08-1 + flip; light: RandomResizedCrop 0.6-1, no flip (small or "
-        "orientation-sensitive images); none: resize + center crop.", rich_help_panel=Recipe)] = "standard",
+        "orientation-sensitive images); randaugment, trivialaugment, autoaugment: standard + that torchvision policy; "
+        "none: resize + center crop.", rich_help_panel=Recipe)] = "standard",
+    color_jitter: Annotated[float, typer.Option(min=0, metavar="S", help="Jitter brightness, contrast and saturation "
+                                                "by up to S (0: off).", rich_help_panel=Recipe)] = 0.0,
+    random_erasing: Annotated[float, typer.Option(min=0, max=1, metavar="P", help="Erase a random rectangle with "
+                                                  "probability P (0: off).", rich_help_panel=Recipe)] = 0.0,
     rcm: Annotated[int, typer.Option(min=0, help="Region confusion (DCL): shuffle NxN blocks locally (0: off).",
                                      rich_help_panel=Recipe)] = 0,
     rcm_neighbour: Annotated[int, typer.Option(min=0, help="Most positions a block moves along rows, then columns.",
@@ -86,7 +98,16 @@ def run(
     seed: Seed = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic algorithms and cuDNN (slower; otherwise cuDNN "
                                                 "autotunes).", rich_help_panel=Run)] = False,
+    ema: Annotated[Optional[float], typer.Option(metavar="DECAY", help="Keep an exponential moving average of the "
+                                                 "weights (e.g. 0.999), validated every epoch beside them; best.pth "
+                                                 "takes it when it does better.", rich_help_panel=Recipe)] = None,
+    keep_best: Annotated[int, typer.Option(min=1, metavar="N", help="Keep the N best checkpoints: best.pth, "
+                                           "best-2.pth ... best-N.pth.", rich_help_panel=Run)] = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model for training (where it cannot, "
+                                          "one line says why and training goes on uncompiled).",
+                                          rich_help_panel=Run)] = False,
     amp: Amp = False,
+    fast_decode: FastDecode = False,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun on GPUs: BatchNorm statistics over all processes.",
                                           rich_help_panel=Run)] = False,
     device: Device = "auto",
@@ -120,15 +141,17 @@ def run(
     fmt = output.pick_format(format, json_)
     cfg = TrainConfig(
         data=str(data), out=str(out), model=model, weights=weights, val_split=val_split, epochs=epochs,
-        batch_size=batch_size, workers=workers, image_size=image_size, augment=augment, rcm=rcm,
+        batch_size=batch_size, workers=workers, image_size=image_size, crop_pct=crop_pct, interpolation=interpolation,
+        augment=augment, color_jitter=color_jitter, random_erasing=random_erasing, ema=ema, keep_best=keep_best,
+        compile=compile, rcm=rcm,
         rcm_neighbour=rcm_neighbour, optimizer=optimizer, lr=lr, backbone_lr=backbone_lr,
         freeze_backbone=freeze_backbone, weight_decay=weight_decay, decay_all=decay_all,
         label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, l1=l1, clip_grad_norm=clip_grad_norm,
         schedule=schedule, milestones=_milestones(milestones), gamma=gamma, warmup_epochs=warmup_epochs,
         plateau_patience=plateau_patience, patience=patience, seed=seed, deterministic=deterministic, amp=amp,
-        sync_bn=sync_bn, device=device, strict=strict, max_pixels=max_pixels)
+        fast_decode=fast_decode, sync_bn=sync_bn, device=device, strict=strict, max_pixels=max_pixels)
     summary = fit(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
-                  export=str(export_weights) if export_weights else None, given=given_options(ctx))
+                  export=str(export_weights) if export_weights else None, given=given_options(ctx), argv=sys.argv)
     output.emit(summary, fmt)
     if summary["skipped_images"]:
         raise typer.Exit(output.EXIT_PARTIAL)

@@ -203,9 +203,9 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
                                            fast_decode=cfg.fast_decode)
     bad = infer.BadInputs(my_paths, cfg.strict)
     parts: list[tuple[np.ndarray, ...]] = []
-    loop_started = time.perf_counter()
+    loop_started, wait = time.perf_counter(), infer.LoadWait()
     with progress(total=len(mine), desc="evaluate", unit="img", quiet=cfg.quiet) as bar:
-        for batch in infer.run(model, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar):
+        for batch in infer.run(model, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait):
             if batch.outputs is None:
                 continue
             probs = batch.outputs.float().softmax(dim=1)
@@ -232,7 +232,8 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
     top_k = {f"top{k}": float((top_idx[:, :k] == labels[:, None]).any(axis=1).mean()) for k in ks}
     report = {**build_report(preds, top_k), "matched_by": images.matched_by, "skipped": skipped,
               "source": {"model": built.arch, "weights": built.weights, "data": images.source,
-                         "device": str(dev), "amp": cfg.amp, "fast_decode": cfg.fast_decode},
+                         "device": str(dev), "amp": cfg.amp, "fast_decode": cfg.fast_decode,
+                         "preprocess": pre.to_dict()},
               # the rate of the inference loop itself (model loading and start-up are in "seconds")
               "images_per_s": round(len(images.paths) / max(loop_seconds, 1e-9), 2),
               "seconds": round(time.perf_counter() - started, 3)}
@@ -240,6 +241,9 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
         _write(report, preds, outs)
         if skipped:
             warn(f"{len(skipped)} of {len(images.paths)} images could not be read and are not in the report")
+        advice = infer.loader_advice(wait, workers=loader.num_workers, fast_decode=cfg.fast_decode, model=built.arch)
+        if advice:
+            info(advice, cfg.quiet)
     dist.barrier()
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from torchtool.core.output import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass
@@ -31,14 +33,23 @@ class Preprocess:
         return cls(int(data["crop_size"]), int(data["resize_size"]), tuple(data["mean"]), tuple(data["std"]),
                    data.get("interpolation", "bilinear"))
 
-    def resized(self, image_size: int | None = None, resize: int | None = None) -> Preprocess:
-        """Override the crop (``--image-size``) and/or resize (``--resize``) keeping their ratio."""
+    def resized(self, image_size: int | None = None, resize: int | None = None, *, crop_pct: float | None = None,
+                interpolation: str | None = None) -> Preprocess:
+        """Override the crop (``--image-size``) and the resize: ``--resize`` pixels, else the crop over
+        ``crop_pct`` (the fraction of the resized short side the center crop keeps, timm's crop_pct),
+        else the weights' own ratio; and the ``interpolation`` of both resizes."""
         crop = image_size or self.crop_size
+        if resize is None and crop_pct is not None:
+            if not 0 < crop_pct <= 1:
+                raise UsageError(f"--crop-pct {crop_pct} must be in (0, 1]", hint="e.g. 0.875 (224 of 256) or 1.0")
+            resize = math.floor(crop / crop_pct + 1e-6)
         if resize is None:
             resize = self.resize_size if image_size is None else round(crop * self.resize_size / self.crop_size)
         if resize < crop:
             raise UsageError(f"--resize {resize} is smaller than the crop {crop}")
-        return Preprocess(crop, resize, self.mean, self.std, self.interpolation)
+        if interpolation is not None and interpolation not in INTERPOLATIONS:
+            raise UsageError(f"unknown interpolation {interpolation!r}", hint=f"choose from: {', '.join(INTERPOLATIONS)}")
+        return Preprocess(crop, resize, self.mean, self.std, interpolation or self.interpolation)
 
 
 def preprocess_for(arch: str, weights: Any = None) -> Preprocess:

@@ -6,6 +6,7 @@ seeds it per sample from the run seed, the epoch and the image index) fixes the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
+from torchtool.core.data.images import DecodeFloor
 from torchtool.core.train.config import AUGMENTS
 
 
@@ -78,28 +80,67 @@ class RegionConfusion(v2.Transform):
         return out
 
 
+# RandomResizedCrop's area range per preset (torchvision's default aspect-ratio range, 3/4 to 4/3)
+CROP_SCALE = {"standard": (0.08, 1.0), "light": (0.6, 1.0), "randaugment": (0.08, 1.0),
+              "trivialaugment": (0.08, 1.0), "autoaugment": (0.08, 1.0)}
+CROP_RATIO = (3 / 4, 4 / 3)
+FLIPS = ("standard", "randaugment", "trivialaugment", "autoaugment")
+
+
+def decode_floor(preset: str, image_size: int, resize_size: int) -> DecodeFloor:
+    """How small ``--fast-decode`` may decode a training JPEG without a crop coming out upsampled.
+
+    A RandomResizedCrop of area fraction s and aspect r of an image of area A is
+    sqrt(A s r) x sqrt(A s / r), so its shorter side is never below sqrt(A s_min r_min): the
+    decode keeps A >= image_size^2 / (s_min r_min) (and the short side >= image_size, for the
+    whole-image fallback). ``none`` resizes the short side to ``resize_size``, as at validation.
+    """
+    if preset not in CROP_SCALE:
+        return DecodeFloor(resize_size)
+    return DecodeFloor(image_size, math.ceil(image_size ** 2 / (CROP_SCALE[preset][0] * CROP_RATIO[0])))
+
+
+def _policy(preset: str, mode: InterpolationMode) -> list[Any]:
+    """torchvision's automatic augmentation policies, with their published defaults."""
+    if preset == "randaugment":
+        return [v2.RandAugment(interpolation=mode)]  # 2 operations of magnitude 9, timm's rand-m9-n2
+    if preset == "trivialaugment":
+        return [v2.TrivialAugmentWide(interpolation=mode)]
+    if preset == "autoaugment":
+        return [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=mode)]
+    return []
+
+
 def train_transform(preset: str, image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float],
-                    interpolation: str = "bilinear", rcm: int = 0, rcm_neighbour: int = 1) -> Any:
+                    interpolation: str = "bilinear", rcm: int = 0, rcm_neighbour: int = 1, *,
+                    color_jitter: float = 0.0, random_erasing: float = 0.0) -> Any:
     """The training pipeline for an augmentation preset, ending in a normalised float tensor.
 
     standard: RandomResizedCrop (scale 0.08-1) and a horizontal flip, the ImageNet recipe;
     light: RandomResizedCrop (scale 0.6-1), no flip, for small or orientation-sensitive images;
-    none: the evaluation Resize + CenterCrop. ``rcm`` > 1 adds :class:`RegionConfusion`.
+    randaugment / trivialaugment / autoaugment: standard, then that torchvision policy;
+    none: the evaluation Resize + CenterCrop. ``color_jitter`` S jitters brightness, contrast
+    and saturation by up to S; ``rcm`` > 1 adds :class:`RegionConfusion`; ``random_erasing``
+    P erases a random rectangle of the normalised tensor with probability P (timm's order).
     """
-    mode = InterpolationMode(interpolation)
-    if preset == "standard":
-        geometry = [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=mode, antialias=True),
-                    v2.RandomHorizontalFlip()]
-    elif preset == "light":
-        geometry = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), interpolation=mode, antialias=True)]
-    elif preset == "none":
-        geometry = [v2.Resize(resize_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
-    else:
+    if preset not in AUGMENTS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {', '.join(AUGMENTS)}")
-    steps = [*geometry, v2.PILToTensor()]
+    mode = InterpolationMode(interpolation)
+    if preset in CROP_SCALE:
+        steps = [v2.RandomResizedCrop(image_size, scale=CROP_SCALE[preset], ratio=CROP_RATIO, interpolation=mode,
+                                      antialias=True)]
+        steps += [v2.RandomHorizontalFlip()] if preset in FLIPS else []
+    else:
+        steps = [v2.Resize(resize_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+    steps += _policy(preset, mode)
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    steps.append(v2.PILToTensor())
     if rcm > 1:
         steps.append(RegionConfusion(rcm, rcm_neighbour))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing, value=0))  # 0 after Normalize: the mean colour
     return v2.Compose(steps)
 
 

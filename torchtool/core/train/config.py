@@ -16,9 +16,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "multistep", "plateau", "none")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
-AUGMENTS = ("standard", "light", "none")
+AUGMENTS = ("standard", "light", "none", "randaugment", "trivialaugment", "autoaugment")
 # Settings that may change on --resume without changing the result, and settings that cannot change.
-RESUMABLE = ("data", "out", "device", "workers", "strict", "max_pixels")
+RESUMABLE = ("data", "out", "device", "workers", "strict", "max_pixels", "keep_best", "compile")
 FIXED_ON_RESUME = ("model", "optimizer", "freeze_backbone", "decay_all")
 
 
@@ -35,7 +35,11 @@ class TrainConfig:
     batch_size: int = TRAIN_BATCH  # per process: under torchrun the global batch is batch_size x processes
     workers: int = DEFAULT_WORKERS
     image_size: int | None = None  # None: the weights' own crop size
+    crop_pct: float | None = None  # the share of the resized short side the center crop keeps; None: the weights'
+    interpolation: str | None = None  # bilinear, bicubic or nearest; None: the weights'
     augment: str = "standard"
+    color_jitter: float = 0.0  # brightness, contrast and saturation jitter strength
+    random_erasing: float = 0.0  # probability of erasing a random rectangle
     rcm: int = 0
     rcm_neighbour: int = 1
     optimizer: str | None = None  # None: sgd
@@ -57,7 +61,11 @@ class TrainConfig:
     patience: int | None = None  # early stopping: epochs without a better val accuracy
     seed: int = 0
     deterministic: bool = False
+    ema: float | None = None  # decay of an exponential moving average of the weights
+    keep_best: int = 1  # checkpoints kept of the best epochs
+    compile: bool = False  # torch.compile the model for training
     amp: bool = False
+    fast_decode: bool = False  # JPEGs decoded at a reduced DCT scale (augment.decode_floor)
     sync_bn: bool = False
     device: str = "auto"
     strict: bool = False
@@ -75,11 +83,19 @@ class TrainConfig:
         if self.schedule == "multistep" and not self.milestones:
             raise UsageError("--schedule multistep needs --milestones", hint="e.g. --milestones 30,60")
         for name in ("lr", "backbone_lr", "weight_decay", "label_smoothing", "mixup", "cutmix", "l1", "clip_grad_norm",
-                     "gamma"):
+                     "gamma", "color_jitter", "random_erasing"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
         check_batch_size(self.batch_size)
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise UsageError(f"--crop-pct {self.crop_pct} must be in (0, 1]", hint="e.g. 0.875 (224 of 256) or 1.0")
+        if self.random_erasing > 1:
+            raise UsageError(f"--random-erasing {self.random_erasing} is a probability: at most 1")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise UsageError(f"--ema {self.ema} must be a decay between 0 and 1", hint="e.g. 0.999")
+        if self.keep_best < 1:
+            raise UsageError(f"--keep-best {self.keep_best}: keep at least 1 checkpoint")
         if any(m < 1 for m in self.milestones):
             raise UsageError(f"--milestones {','.join(map(str, self.milestones))}: epochs count from 1")
         self.lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr

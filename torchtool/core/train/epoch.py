@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from torchtool.core import infer
 from torchtool.core.infer import BadInputs
-from torchtool.core.output import Failure
+from torchtool.core.output import Failure, first_line, warn
 from torchtool.core.runtime import autocast
 from torchtool.core.train.config import TrainConfig
 
@@ -30,6 +30,8 @@ class Step:
     l1_params: list[torch.Tensor]
     frozen_norms: list[nn.Module]
     channels_last: bool
+    ema: Any = None  # recipes.Ema, updated after every optimizer step
+    uncompiled: nn.Module | None = None  # with --compile, until the first step has compiled: the fallback
 
 
 def _forward_loss(step: Step, images: torch.Tensor, targets: torch.Tensor):
@@ -39,6 +41,35 @@ def _forward_loss(step: Step, images: torch.Tensor, targets: torch.Tensor):
         logits = step.model(inputs)
         loss = step.criterion(logits, soft)
     return logits, loss
+
+
+def _backward(step: Step, images: torch.Tensor, targets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss (+ L1) and backward of one batch: (logits, task loss).
+
+    The first step of a ``--compile``d model is where torch.compile compiles; when that
+    fails here (no C++ compiler, an unsupported backend) one line says why and the step is
+    redone, and the run goes on, uncompiled.
+    """
+    def attempt() -> tuple[torch.Tensor, torch.Tensor]:
+        logits, loss = _forward_loss(step, images, targets)
+        total = loss if n else loss * 0.0
+        if step.cfg.l1 and n:
+            total = total + step.cfg.l1 * sum(p.abs().sum() for p in step.l1_params)
+        step.optimizer.zero_grad(set_to_none=True)
+        step.scaler.scale(total).backward()
+        return logits, loss
+
+    if step.uncompiled is None:
+        return attempt()
+    try:
+        return attempt()
+    except Exception as exc:  # any compiler failure; the model's own errors recur uncompiled
+        warn(f"--compile: torch.compile could not compile the model here ({first_line(exc)[:300]}); "
+             "training uncompiled")
+        step.model = step.uncompiled
+        return attempt()
+    finally:
+        step.uncompiled = None
 
 
 def train_one_epoch(step: Step, loader: Any, bad: BadInputs, bar: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,18 +102,15 @@ def train_one_epoch(step: Step, loader: Any, bad: BadInputs, bar: Any) -> tuple[
         targets = targets.to(dev, non_blocking=True)
         if step.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits, loss = _forward_loss(step, images, targets)
-        total = loss if n else loss * 0.0
-        if step.cfg.l1 and n:
-            total = total + step.cfg.l1 * sum(p.abs().sum() for p in step.l1_params)
-        step.optimizer.zero_grad(set_to_none=True)
-        step.scaler.scale(total).backward()
+        logits, loss = _backward(step, images, targets, n)
         if step.cfg.clip_grad_norm:
             step.scaler.unscale_(step.optimizer)  # clip the true gradients, not the fp16-scaled ones
             nn.utils.clip_grad_norm_([p for g in step.optimizer.param_groups for p in g["params"]],
                                      step.cfg.clip_grad_norm)
         step.scaler.step(step.optimizer)
         step.scaler.update()
+        if step.ema is not None:
+            step.ema.update()
         if n:
             finite = torch.isfinite(loss.detach())
             first_bad = torch.where((first_bad < 0) & ~finite, batch_no, first_bad)
@@ -114,10 +142,16 @@ def check_epoch(sums: list[float], first_bad: torch.Tensor, epoch: int) -> None:
                       hint="lower --lr or set --clip-grad-norm, then rerun; OUT/last.pth holds the last good epoch")
 
 
+TOP_K = 5  # the second accuracy of the log, capped at the class count
+
+
 def validate(model: nn.Module, loader: Any, step: Step, bad: BadInputs, bar: Any) -> torch.Tensor:
-    """[loss sum, correct, images] over this process's share of the validation data (plain cross-entropy)."""
+    """[loss sum, correct, correct in the top 5, images] over this process's share of the validation data.
+
+    The loss is plain cross-entropy; "top 5" is top-min(5, classes).
+    """
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=step.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=step.device)
     seen = 0
     for batch in infer.run(model, loader, step.device, bad=bad, amp=step.cfg.amp, channels_last=step.channels_last,
                            bar=bar):
@@ -125,6 +159,8 @@ def validate(model: nn.Module, loader: Any, step: Step, bad: BadInputs, bar: Any
             continue
         logits, targets = batch.outputs.float(), batch.targets
         loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
-        totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double()])
+        top = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices
+        totals += torch.stack([loss.double(), (top[:, 0] == targets).sum().double(),
+                               (top == targets[:, None]).any(dim=1).sum().double()])
         seen += targets.shape[0]
     return torch.cat([totals, totals.new_tensor([seen])])

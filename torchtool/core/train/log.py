@@ -13,7 +13,8 @@ from torchtool.core.files import atomic_write
 from torchtool.core.output import warn
 from torchtool.core.train.plots import plot_curves
 
-COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds")
+EMA_COLUMNS = ("ema_val_loss", "ema_val_acc", "ema_val_top5")  # with --ema, after val_top5
 TENSORBOARD_HINT = "tensorboard is not installed, so no event files: pip install tensorboard " \
                    "(metrics.csv and curves.png are written anyway)"
 
@@ -32,17 +33,18 @@ class RunLog:
     from it first, so rows from epochs that never reached a checkpoint disappear.
     """
 
-    def __init__(self, out: Path, history: Sequence[Mapping[str, Any]], epochs: int, *, tensorboard: bool = False,
-                 quiet: bool = False):
+    def __init__(self, out: Path, history: Sequence[Mapping[str, Any]], epochs: int, *, ema: bool = False,
+                 tensorboard: bool = False, quiet: bool = False):
         self.out, self.epochs, self.quiet = out, epochs, quiet
+        self.columns = COLUMNS[:6] + EMA_COLUMNS + COLUMNS[6:] if ema else COLUMNS
         self.history = [dict(row) for row in history]
         self.csv_path, self.curves_path = out / "metrics.csv", out / "curves.png"
         with atomic_write(self.csv_path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer = csv.DictWriter(fh, self.columns, extrasaction="ignore", lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.history)
         self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._writer = csv.DictWriter(self._csv, COLUMNS, extrasaction="ignore", lineterminator="\n")
+        self._writer = csv.DictWriter(self._csv, self.columns, extrasaction="ignore", lineterminator="\n")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,12 +61,15 @@ class RunLog:
         self._csv.flush()
         os.fsync(self._csv.fileno())
         if self.tb is not None:
-            for key in COLUMNS[1:]:
-                self.tb.add_scalar(key.replace("_", "/", 1), row[key], row["epoch"])  # train/loss, val/acc, ...
+            for key in self.columns[1:]:  # train/loss, val/acc, ema_val/acc, ...
+                self.tb.add_scalar(key[::-1].replace("_", "/", 1)[::-1], row[key], row["epoch"])
             self.tb.flush()
         if not self.quiet:
+            ema = (f"  ema loss {row['ema_val_loss']:.4f} acc {row['ema_val_acc']:.4f} top5 {row['ema_val_top5']:.4f}"
+                   if "ema_val_acc" in row else "")
             warn(f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.3g}  {row['seconds']:.1f}s")
+                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} top5 {row['val_top5']:.4f}{ema}  "
+                 f"lr {row['lr']:.3g}  {row['seconds']:.1f}s")
 
     def close(self) -> None:
         self._csv.close()

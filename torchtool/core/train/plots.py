@@ -37,6 +37,8 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     for ax, key, title in ((loss, "loss", "loss"), (acc, "acc", "accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train", ms=3)
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation", ms=3)
+        if any(f"ema_val_{key}" in r for r in history):  # --ema: the average's validation beside the weights'
+            ax.plot(epochs, [r.get(f"ema_val_{key}", math.nan) for r in history], "o--", label="validation (EMA)", ms=3)
         ax.set_title(title)
         ax.legend()
     losses = [v for r in history for v in (r["train_loss"], r["val_loss"]) if math.isfinite(v)]

@@ -139,3 +139,44 @@ class EpochSchedule:
         for key, part in self.parts.items():
             if part is not None and state.get(key) is not None:
                 part.load_state_dict(state[key])
+
+
+class Ema:
+    """An exponential moving average of ``model``'s weights and buffers (``--ema DECAY``).
+
+    torch's own :class:`~torch.optim.swa_utils.AveragedModel` with
+    :func:`~torch.optim.swa_utils.get_ema_multi_avg_fn`: after every optimizer step
+    ``ema = decay * ema + (1 - decay) * weights`` (the first step copies the weights).
+    BatchNorm statistics are averaged alike (``use_buffers``), so :attr:`module` is a
+    model to validate and save as it is.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.source = model
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.averaged.requires_grad_(False)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.averaged.module
+
+    def update(self) -> None:
+        self.averaged.update_parameters(self.source)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averaged.load_state_dict(state)
+
+
+def compile_for_training(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(``torch.compile(model)``, the fallback) for ``--compile``; (model, None) with one line where
+    torch.compile refuses at once (compilation itself happens, and may fail, at the first step)."""
+    try:
+        return torch.compile(model), model
+    except Exception as exc:  # e.g. "Dynamo is not supported on Python 3.x"
+        warn(f"--compile: torch.compile is not available here ({str(exc).splitlines()[0][:300]}); training uncompiled")
+        return model, None

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from torchtool.core.data.folders import changed_files, find_splits
+from torchtool.core.data.images import DecodeFloor
 from torchtool.core.data.loading import EpochSampler, ImageDataset, SeededSamples, cap_workers, make_loader, shard
 from torchtool.core.data.transforms import preprocess_transform
 from torchtool.core.files import LOCK_NAME, check_writable, run_lock, writable_dir
@@ -26,7 +27,8 @@ from torchtool.core.train import augment
 from torchtool.core.train.config import TrainConfig
 from torchtool.core.train.epoch import Step
 from torchtool.core.train.log import TENSORBOARD_HINT, tensorboard_available
-from torchtool.core.train.recipes import EpochSchedule, build_optimizer, freeze_backbone, param_groups
+from torchtool.core.train.recipes import (Ema, EpochSchedule, build_optimizer, compile_for_training, freeze_backbone,
+                                          param_groups)
 from torchtool.core.train.state import RUN_FILES, Run, load_resume, resumed_config
 
 
@@ -109,7 +111,8 @@ def build(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> tuple
         model.load_state_dict(ckpt["model"])
         run.preprocess = Preprocess.from_dict(ckpt["preprocess"])
     else:
-        run.preprocess = built.preprocess.resized(cfg.image_size)
+        run.preprocess = built.preprocess.resized(cfg.image_size, crop_pct=cfg.crop_pct,
+                                                  interpolation=cfg.interpolation)
     if cfg.sync_bn and dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.sync_bn:
@@ -123,12 +126,16 @@ def build(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> tuple
     wrapped = model
     if dist.enabled:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    uncompiled = None
+    if cfg.compile:
+        wrapped, uncompiled = compile_for_training(wrapped)
     optimizer = build_optimizer(groups, cfg)
     schedule = EpochSchedule(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
     step = Step(wrapped, optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), scaler,
                 augment.batch_mixer(len(run.splits.classes), cfg.mixup, cfg.cutmix), device, cfg,
-                [p for g in groups if "no decay" not in g["name"] for p in g["params"]], frozen, channels_last)
+                [p for g in groups if "no decay" not in g["name"] for p in g["params"]], frozen, channels_last,
+                ema=Ema(model, cfg.ema) if cfg.ema else None, uncompiled=uncompiled)
     return step, schedule, model
 
 
@@ -145,11 +152,16 @@ def loaders(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> Loa
     pre, s = run.preprocess, run.splits
     fallback = (3, pre.crop_size, pre.crop_size)
     tf = augment.train_transform(cfg.augment, pre.crop_size, pre.resize_size, pre.mean, pre.std, pre.interpolation,
-                                 cfg.rcm, cfg.rcm_neighbour)
-    train = SeededSamples(ImageDataset(s.train_paths, tf, s.train_targets, fallback, cfg.max_pixels), cfg.seed)
+                                 cfg.rcm, cfg.rcm_neighbour, color_jitter=cfg.color_jitter,
+                                 random_erasing=cfg.random_erasing)
+    fast = cfg.fast_decode  # JPEGs decoded at a reduced scale that still covers every crop
+    train = SeededSamples(ImageDataset(s.train_paths, tf, s.train_targets, fallback, cfg.max_pixels,
+                                       decode=augment.decode_floor(cfg.augment, pre.crop_size, pre.resize_size)
+                                       if fast else None), cfg.seed)
     # DistributedSampler also with one process: the epoch's order depends on (seed, epoch) only.
     sampler = EpochSampler(DistributedSampler(train, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed))
-    val = Subset(ImageDataset(s.val_paths, preprocess_transform(pre), s.val_targets, fallback, cfg.max_pixels),
+    val = Subset(ImageDataset(s.val_paths, preprocess_transform(pre), s.val_targets, fallback, cfg.max_pixels,
+                              decode=DecodeFloor(pre.resize_size) if fast else None),
                  shard(len(s.val_paths), dist.rank, dist.world_size))
     pin = device.type == "cuda"
     # A loader-owned generator: creating iterators must not draw from the global one (resume exactness).

@@ -10,27 +10,28 @@ splits' files, so --resume can tell when the data changed), history.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
 from torchtool.core.data.folders import Splits
-from torchtool.core.files import atomic_path
+from torchtool.core.files import atomic_path, atomic_write_text
 from torchtool.core.models.checkpoint import is_torchtool_checkpoint, load_checkpoint, save_checkpoint
 from torchtool.core.models.preprocess import Preprocess
 from torchtool.core.models.weights import WeightsChoice
-from torchtool.core.output import UsageError, info, warn
+from torchtool.core.output import UsageError, info, to_json, warn
 from torchtool.core.runtime import Dist, set_rng_state
 from torchtool.core.train.config import FIXED_ON_RESUME, RESUMABLE, TrainConfig
 from torchtool.core.train.epoch import Step
 from torchtool.core.train.recipes import EpochSchedule
 
-RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png")
+RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "config.json")  # and best-N.pth (Best)
 # Settings that shape the learning-rate schedule or the optimizer's hyperparameters.
 SCHEDULE_KEYS = ("epochs", "lr", "backbone_lr", "weight_decay", "schedule", "milestones", "gamma",
                  "warmup_epochs", "plateau_patience")
@@ -50,6 +51,44 @@ class Run:
     tensorboard: bool
     preprocess: Preprocess | None = None
     image_files: dict[str, list[str]] | None = None  # splits.image_files(), computed once per run
+
+
+@dataclass
+class Best:
+    """The best epochs so far, best first, as [metric, epoch] pairs: at most ``keep`` (``--keep-best``).
+
+    Their checkpoints are OUT/best.pth (the best), then OUT/best-2.pth ... best-N.pth; an
+    epoch enters ahead of those it beats (a tie keeps the earlier epoch ahead).
+    """
+
+    keep: int = 1
+    ranked: list[list[float]] = field(default_factory=list)
+
+    @property
+    def metric(self) -> float:
+        return self.ranked[0][0] if self.ranked else -1.0
+
+    @property
+    def epoch(self) -> int:
+        return int(self.ranked[0][1]) if self.ranked else 0
+
+    def add(self, metric: float, epoch: int) -> int | None:
+        """Rank an epoch: where it entered (0: the new best), None when it is not among the best."""
+        at = next((i for i, (m, _) in enumerate(self.ranked) if metric > m), len(self.ranked))
+        if at >= self.keep:
+            return None
+        self.ranked.insert(at, [metric, epoch])
+        del self.ranked[self.keep:]
+        return at
+
+    @staticmethod
+    def path(out: Path, rank: int) -> Path:
+        return out / ("best.pth" if rank == 0 else f"best-{rank + 1}.pth")
+
+    def files(self, out: Path) -> list[Path]:
+        """Every ranked checkpoint file there may be in ``out``, kept or not (best-N.pth beyond ``keep`` too)."""
+        ranked = [(int(p.stem[5:]), p) for p in out.glob("best-*.pth") if p.stem[5:].isdigit()]
+        return [self.path(out, 0), *(p for _, p in sorted(ranked))]
 
 
 def load_resume(out: Path, resume_from: str | None, quiet: bool = False) -> dict[str, Any] | None:
@@ -89,17 +128,17 @@ def resumed_config(cli: TrainConfig, stored: dict[str, Any], given: Collection[s
 
 
 def restore(checkpoint: dict[str, Any] | None, cfg: TrainConfig, step: Step, schedule: EpochSchedule,
-            dist: Dist) -> tuple[EpochSchedule, int, float, int, list[dict[str, Any]]]:
-    """(schedule, first epoch to run, best val accuracy, best epoch, history) of the run to continue.
+            dist: Dist) -> tuple[EpochSchedule, int, Best, list[dict[str, Any]]]:
+    """(schedule, first epoch to run, the best epochs, history) of the run to continue.
 
-    Loads the optimizer, schedule, scaler and RNG states. When --resume changed the schedule
+    Loads the optimizer, schedule, scaler, EMA and RNG states. When --resume changed the schedule
     (--epochs, --lr, --schedule, ...), the schedule is rebuilt from the new settings and
     replayed over the finished epochs instead, so the next epoch gets the learning rate the
     new settings prescribe (a cosine stretched to the new length, not one restarting).
     """
     ckpt = checkpoint
     if ckpt is None:
-        return schedule, 0, -1.0, 0, []
+        return schedule, 0, Best(cfg.keep_best), []
     fresh = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in step.optimizer.param_groups]
     try:  # after the schedulers were built: building them rewrites the learning rates this restores
         step.optimizer.load_state_dict(ckpt["optimizer"])
@@ -117,32 +156,79 @@ def restore(checkpoint: dict[str, Any] | None, cfg: TrainConfig, step: Step, sch
         schedule.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
         step.scaler.load_state_dict(ckpt["scaler"])
+    if step.ema is not None:
+        if ckpt.get("ema"):
+            step.ema.load_state_dict(ckpt["ema"])
+        else:
+            warn("the checkpoint has no EMA of its weights (it was trained without --ema): the average starts now")
     states = ckpt["rng"]
     if len(states) != dist.world_size:
         warn(f"the checkpoint was written by {len(states)} process(es), this run has {dist.world_size}: "
              "random state is approximate")
     set_rng_state(states[dist.rank % len(states)])
-    return schedule, int(ckpt["epoch"]), float(ckpt["best_metric"]), int(ckpt["best_epoch"]), history
+    ranked = ckpt.get("best_ranked") or ([[float(ckpt["best_metric"]), int(ckpt["best_epoch"])]]
+                                         if int(ckpt["best_epoch"]) else [])
+    return schedule, int(ckpt["epoch"]), Best(cfg.keep_best, [list(r) for r in ranked[: cfg.keep_best]]), history
 
 
-def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epoch: int, best: tuple[float, int],
-         history: list[dict[str, Any]], rng: list[dict[str, Any]], improved: bool) -> None:
-    """OUT/last.pth, and OUT/best.pth when this epoch improved; both atomic.
+def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epoch: int, best: Best,
+         history: list[dict[str, Any]], rng: list[dict[str, Any]], at: int | None, source: str) -> None:
+    """OUT/last.pth, and the epoch's ranked checkpoint when it entered ``best`` at ``at``; all atomic.
 
-    Written before the next epoch starts: writing on a background thread measured slower on a
-    2-core CPU (the writer competes with the training threads for cores and the GIL).
+    ``source`` is "model" or "ema": the weights that reached the epoch's metric. Written
+    before the next epoch starts: writing on a background thread measured slower on a 2-core
+    CPU (the writer competes with the training threads for cores and the GIL).
     """
     s = run.splits
     state = {"arch": run.arch, "classes": s.classes, "model": model.state_dict(),
              "preprocess": run.preprocess.to_dict(), "config": asdict(run.cfg), "epoch": epoch,
-             "best_metric": best[0], "best_epoch": best[1], "optimizer": step.optimizer.state_dict(),
-             "scheduler": schedule.state_dict(), "scaler": step.scaler.state_dict(), "rng": rng,
-             "val_dir": str(s.val_dir), "val_files": s.val_files, "image_files": run.image_files, "history": history}
+             "best_metric": best.metric, "best_epoch": best.epoch, "best_ranked": best.ranked,
+             "optimizer": step.optimizer.state_dict(), "scheduler": schedule.state_dict(),
+             "scaler": step.scaler.state_dict(), "rng": rng, "val_dir": str(s.val_dir), "val_files": s.val_files,
+             "image_files": run.image_files, "history": history}
+    if step.ema is not None:
+        state["ema"] = step.ema.state_dict()
     last = save_checkpoint(run.out / "last.pth", state)
-    if improved:
-        with atomic_path(run.out / "best.pth") as tmp:
+    for stale in best.files(run.out)[best.keep:]:  # --keep-best lowered on --resume
+        stale.unlink(missing_ok=True)
+    if at is None:
+        return
+    with atomic_path(Best.path(run.out, at)) as tmp:
+        if source == "ema":  # the average did better: that checkpoint holds the average's weights
+            save_checkpoint(tmp, {**state, "model": step.ema.module.state_dict(), "weights_from": "ema"})
+        else:
             tmp.unlink()
             try:  # the bytes are already on disk: a hard link costs nothing
                 os.link(last, tmp)
             except OSError:
                 shutil.copyfile(last, tmp)
+        for rank in range(len(best.ranked) - 1, at, -1):  # the ones it beat move down a place
+            if Best.path(run.out, rank - 1).exists():
+                os.replace(Best.path(run.out, rank - 1), Best.path(run.out, rank))
+
+
+def write_run_config(run: Run, argv: list[str], started_epoch: int) -> None:
+    """OUT/config.json: every setting, the versions, and each command line that ran (or resumed) the run."""
+    import json
+    import platform
+    import shlex
+    import time
+
+    import torch
+    import torchvision
+
+    from torchtool import __version__
+
+    path = run.out / "config.json"
+    commands = []
+    if started_epoch and path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            commands = list(json.loads(path.read_text(encoding="utf-8")).get("commands", []))
+    commands.append({"command": shlex.join(["torchtool", *argv[1:]]), "argv": list(argv), "from_epoch": started_epoch,
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    data = {"config": asdict(run.cfg), "arch": run.arch, "classes": run.splits.classes,
+            "preprocess": run.preprocess.to_dict(),
+            "versions": {"torchtool": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                         "python": platform.python_version()},
+            "commands": commands}
+    atomic_write_text(path, to_json(data) + "\n")
