@@ -21,36 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image
-from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from torchtool.core.demo import write_digits
 from torchtool.core.models import IMAGENET_MEAN, IMAGENET_STD
 from torchtool.core.train import TrainConfig, fit
 
 # The settings both loops share: AdamW decaying every parameter (finetune's --decay-all), cosine.
 SIZE, BATCH, LR, WD = 32, 64, 1e-3, 0.01
-
-
-def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Path:
-    """DATA/train/<digit>/*.png and DATA/val/<digit>/*.png, a stratified split, 32 px grey images."""
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for label in range(10):
-        idx = np.flatnonzero(digits.target == label)
-        rng.shuffle(idx)
-        n_val = round(len(idx) * val_fraction)
-        for k, i in enumerate(idx):
-            folder = root / ("val" if k < n_val else "train") / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
-            Image.fromarray(pixels, "L").resize((SIZE, SIZE), Image.BILINEAR).save(folder / f"{i:04d}.png")
-    return root
 
 
 def plain_loop(data: Path, epochs: int, workers: int, seed: int,

@@ -17,6 +17,6 @@ def test_ci_runs_the_readme_test_command():
     assert (ROOT / ".ci" / "run").stat().st_mode & 0o111, ".ci/run is not executable"
 
 
-def test_readme_quick_start_runs_env_info():
+def test_readme_quick_start_runs_the_demo():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/torchtool env-info" in readme.splitlines()
+    assert "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/torchtool demo" in readme.splitlines()

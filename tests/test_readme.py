@@ -77,8 +77,8 @@ def architectures(lines: list[str]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
-    """The examples' inputs, a TORCH_HOME holding local 'pretrained' weights, and the small torchtool."""
+def readme_env(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
+    """The examples' inputs (a template folder), a TORCH_HOME holding local 'pretrained' weights, the small torchtool."""
     import shutil
 
     import torch
@@ -144,15 +144,51 @@ def workdir(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
     return work, env
 
 
+@pytest.fixture
+def workdir(readme_env, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A fresh copy of the examples' inputs for one test (the weights and the small torchtool are shared)."""
+    import shutil
+
+    template, env = readme_env
+    work = tmp_path / "work"
+    shutil.copytree(template, work)
+    return work, env
+
+
+def _command(line: str) -> str:
+    return re.match(r"(?:.*\| )?(?:torchrun .*-m )?torchtool (\S+)", line).group(1)
+
+
+def sections(lines: list[str]) -> dict[str, list[str]]:
+    """The lines by command, in README order, each section led by the lines that make the runs/ it reads.
+
+    (evaluate's `runs/r18/best.pth` is made by a finetune line: that line runs first in evaluate's
+    section too, so each section is a test of its own and the sections run in parallel.)
+    """
+    made = {ref: line for line in lines for ref in re.findall(r"(?:-o|--out) (runs/\w+)", line)}
+    by: dict[str, list[str]] = {}
+    for line in lines:
+        by.setdefault(_command(line), []).append(line)
+    for name, group in by.items():
+        needed = [made[ref] for line in group for ref in re.findall(r"runs/\w+", line)
+                  if ref in made and made[ref] not in group]
+        by[name] = list(dict.fromkeys(needed)) + group
+    return by
+
+
+SECTIONS = sections(LINES)
+
+
 def test_the_readme_has_examples_of_every_command():
     from torchtool.cli import app
 
-    shown = {re.match(r"(?:.*\| )?(?:torchrun .*-m )?torchtool (\S+)", line).group(1) for line in LINES}
+    shown = {_command(line) for line in LINES}
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
     assert commands - {"demo"} <= shown, f"no README example for: {sorted(commands - shown)}"
 
 
-def test_every_readme_command_line_runs_as_written(workdir):
+@pytest.mark.parametrize("command", sorted(SECTIONS))
+def test_every_readme_command_line_runs_as_written(workdir, command):
     import shutil
 
     import torch
@@ -160,7 +196,8 @@ def test_every_readme_command_line_runs_as_written(workdir):
     work, env = workdir
     gpus = torch.cuda.device_count()
     failures, ran = [], 0
-    for line in LINES:
+    lines = SECTIONS[command]
+    for line in lines:
         needed = gpus_needed(line)
         if line.startswith("torchrun") and needed > gpus:
             continue  # several GPUs (tests/commands run torchrun on the CPU with gloo)
@@ -173,7 +210,11 @@ def test_every_readme_command_line_runs_as_written(workdir):
             failures.append(f"$ {line}\n  exit {proc.returncode} (expected {expected})\n"
                             + textwrap.indent(proc.stderr[-1500:], "  "))
     assert not failures, "README lines that do not run as written:\n" + "\n".join(failures)
-    assert ran >= len(LINES) - sum(line.startswith("torchrun") for line in LINES)
+    assert ran >= len(lines) - sum(line.startswith("torchrun") for line in lines)
+
+
+def test_every_line_is_in_a_section():
+    assert sorted({line for group in SECTIONS.values() for line in group}) == sorted(set(LINES))
 
 
 def test_the_readme_python_example_runs(workdir):

@@ -24,6 +24,7 @@ LAYERS = {
     "data": 1, "models": 1,
     "infer": 2,
     "features": 3, "train": 3, "evaluate": 3, "inspect": 3,
+    "demo": 1,  # the demo's inputs and command lines: it runs the commands through the CLI, never imports them
 }
 
 

@@ -25,6 +25,7 @@ COMMANDS = {
     "profile": "profile",
     "video-info": "video_info",
     "gpu-reset": "gpu_reset",
+    "demo": "demo",
 }
 
 app = typer.Typer(

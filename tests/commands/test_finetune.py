@@ -413,13 +413,14 @@ def all_digits(tmp_path_factory) -> Path:
     return write_digits(tmp_path_factory.mktemp("all_digits"))
 
 
-def test_resnet18_from_scratch_reaches_95_percent_on_real_digits_in_5_epochs(all_digits, tmp_path):
+def test_resnet18_from_scratch_reaches_95_percent_on_real_digits_in_3_epochs(all_digits, tmp_path):
+    # the whole 32 px digit (--crop-pct 1.0): the 224/256 default crop cuts its border off, and needs 5 epochs
     result = invoke(all_digits, "--out", tmp_path / "run", "--model", "resnet18", "--weights", "none",
-                    "--image-size", "32", "--augment", "none", "--epochs", "5", "--batch-size", "64",
-                    "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--workers", "0",
-                    "--seed", "0", "--json", "--quiet")
+                    "--image-size", "32", "--crop-pct", "1.0", "--augment", "none", "--epochs", "3",
+                    "--batch-size", "64", "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01",
+                    "--workers", "0", "--seed", "0", "--json", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["train_images"] + summary["val_images"] == 1797
     assert summary["best_val_acc"] >= 0.95, summary
-    assert summary["epochs"] <= 5
+    assert summary["epochs"] == 3 and 0.95 <= summary["best_val_top5"] <= 1

@@ -1,0 +1,71 @@
+"""torchtool demo: every command on data that ships, offline, each command line printed before it runs."""
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from torchtool.commands._options import Overwrite
+from torchtool.core import output
+
+
+def run(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the inputs and everything the commands write.")]
+    = Path("torchtool-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer images and epochs: under a minute on 2 CPU cores.")]
+    = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Show every command working on real data, with no network and no GPU needed.
+
+    Writes scikit-learn's bundled handwritten digits as an image folder, crops of its sample photos and a few short OpenCV videos into OUT, then runs env-info, summary, finetune (resnet18 from scratch on the digits), evaluate (--csv, --plot), extract-features (from the fine-tuned checkpoint), video-info (TSN sampling, frames out), profile --compare and, where a GPU is present, gpu-reset --dry-run — each printed as the command line to copy, run by the same code as typing it. Ends with the accuracy reached, where each output is and what to try next. About 3 minutes on 2 CPU cores (--quick: under 1).
+    """
+    from torchtool.core import demo
+
+    out = demo.prepare_out(out, overwrite)
+    started = time.perf_counter()
+    output.info(f"making the demo's inputs in {out} (digits, photo crops, videos) ...")
+    inputs = demo.make_inputs(out, quick)
+    seconds = {"inputs": time.perf_counter() - started}
+    output.info("  " + ", ".join(f"{n} {what}" for what, n in inputs.counts.items()))
+    for step in demo.plan(out, inputs, quick, gpu=_has_gpu()):
+        typer.echo(f"\n# {step.why}\n$ {step.line}")
+        t0 = time.perf_counter()
+        code = _invoke(step.argv)
+        seconds[step.name] = time.perf_counter() - t0
+        if code == 130:
+            raise output.Failure(f"demo interrupted during {step.name}", hint=f"what it made so far is in {out}; "
+                                 "run `torchtool demo --overwrite` to start again")
+        if code not in (0, None):
+            raise output.Failure(f"demo step {step.name} failed (exit {code}): see the line above",
+                                 hint=f"the command was: {step.line}")
+    seconds["total"] = time.perf_counter() - started
+    typer.echo("\n# the demo's report")
+    report = demo.report(out, seconds)
+    output.emit({k: v for k, v in report.items() if k != "next"}, "table")
+    typer.echo("try next:\n" + "\n".join(f"  {line}" for line in report["next"]))
+
+
+def _invoke(argv: list[str]) -> int:
+    """Run one command line through the CLI itself (its option parsing, checks and error lines)."""
+    import sys
+
+    from torchtool.cli import app
+
+    saved, sys.argv = sys.argv, ["torchtool", *argv]  # what the step records as its command line (config.json)
+    try:
+        return app(args=argv, prog_name="torchtool", standalone_mode=False) or 0
+    except Exception as exc:  # the parser's usage errors (what cli.main turns into one line)
+        if not hasattr(exc, "format_message"):
+            raise
+        typer.echo(output.error_line(exc.format_message()), err=True)
+        return getattr(exc, "exit_code", output.EXIT_USAGE)
+    finally:
+        sys.argv = saved
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
