@@ -52,3 +52,23 @@ def test_an_existing_out_is_refused_without_overwrite(tmp_path):
     result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 2 and "already exists" in result.stderr and "--overwrite" in result.stderr
     assert (tmp_path / "demo" / "mine.txt").read_text() == "keep me"
+
+
+def test_ctrl_c_says_where_the_demo_stopped(torchtool_exe, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([str(torchtool_exe), "demo", "--quick", "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "run" / "config.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # finetune has started ...
+    time.sleep(1.0)  # ... and its loader workers with it
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "torchtool: error: demo interrupted during finetune" in stderr and "Traceback" not in stderr
+    assert (out / "digits").is_dir()  # what it made is left for a look

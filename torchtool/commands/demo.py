@@ -24,22 +24,27 @@ def run(
     from torchtool.core import demo
 
     out = demo.prepare_out(out, overwrite)
-    started = time.perf_counter()
-    output.info(f"making the demo's inputs in {out} (digits, photo crops, videos) ...")
-    inputs = demo.make_inputs(out, quick)
-    seconds = {"inputs": time.perf_counter() - started}
-    output.info("  " + ", ".join(f"{n} {what}" for what, n in inputs.counts.items()))
-    for step in demo.plan(out, inputs, quick, gpu=_has_gpu()):
-        typer.echo(f"\n# {step.why}\n$ {step.line}")
-        t0 = time.perf_counter()
-        code = _invoke(step.argv)
-        seconds[step.name] = time.perf_counter() - t0
-        if code == 130:
-            raise output.Failure(f"demo interrupted during {step.name}", hint=f"what it made so far is in {out}; "
-                                 "run `torchtool demo --overwrite` to start again")
-        if code not in (0, None):
-            raise output.Failure(f"demo step {step.name} failed (exit {code}): see the line above",
-                                 hint=f"the command was: {step.line}")
+    started, step = time.perf_counter(), None
+    try:
+        output.info(f"making the demo's inputs in {out} (digits, photo crops, videos) ...")
+        inputs = demo.make_inputs(out, quick)
+        seconds = {"inputs": time.perf_counter() - started}
+        output.info("  " + ", ".join(f"{n} {what}" for what, n in inputs.counts.items()))
+        for step in demo.plan(out, inputs, quick, gpu=_has_gpu()):
+            typer.echo(f"\n# {step.why}\n$ {step.line}")
+            t0 = time.perf_counter()
+            code = _invoke(step.argv)
+            seconds[step.name] = time.perf_counter() - t0
+            if code == 130:  # Ctrl-C inside the command: it said "interrupted" itself
+                raise KeyboardInterrupt
+            if code not in (0, None):
+                raise output.Failure(f"demo step {step.name} failed (exit {code}): see the line above",
+                                     hint=f"the command was: {step.line}")
+    except KeyboardInterrupt:
+        where = f"during {step.name}" if step else "while making the inputs"
+        typer.echo(output.error_line(f"demo interrupted {where}", f"what it made so far is in {out}; "
+                                     "`torchtool demo --overwrite` starts again"), err=True)
+        raise typer.Exit(130) from None
     seconds["total"] = time.perf_counter() - started
     typer.echo("\n# the demo's report")
     report = demo.report(out, seconds)
