@@ -97,6 +97,11 @@ for _name, _module in COMMANDS.items():
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors become one ``torchtool: error:`` line, exit 2."""
+    sys.exit(invoke(argv))
+
+
+def invoke(argv: list[str] | None = None) -> int:
+    """Run one command line as the console script does and return its exit code (demo runs its steps so)."""
     try:
         code = app(args=argv, prog_name="torchtool", standalone_mode=False)
     except typer.Abort:
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         if message:  # empty for no_args_is_help: the help is already on stdout
             typer.echo(error_line(message, f"see '{where}'"), err=True)
         code = getattr(exc, "exit_code", EXIT_USAGE)
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

@@ -61,7 +61,7 @@ def test_end_to_end_through_the_installed_executable(run_torchtool, digits4, tmp
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["label_smoothing"] == 0.1 and config["config"]["model"] == "mobilenet_v3_small"
     assert config["config"]["lr"] == 0.01 and config["config"]["weight_decay"] == 1e-4  # resolved, not None
-    assert set(config["versions"]) == {"torchtool", "torch", "torchvision", "python"}
+    assert set(config["versions"]) == {"torchtool", "torch", "torchvision", "numpy", "python"}
     assert config["versions"]["torch"] == torch.__version__ and config["preprocess"]["crop_size"] == 32
     [command] = config["commands"]
     assert command["from_epoch"] == 0 and command["argv"][1:6] == ["finetune", str(digits4), "--out", str(out),

@@ -37,7 +37,7 @@ def run(
             seconds[step.name] = time.perf_counter() - t0
             if code == 130:  # Ctrl-C inside the command: it said "interrupted" itself
                 raise KeyboardInterrupt
-            if code not in (0, None):
+            if code:
                 raise output.Failure(f"demo step {step.name} failed (exit {code}): see the line above",
                                      hint=f"the command was: {step.line}")
     except KeyboardInterrupt:
@@ -56,16 +56,11 @@ def _invoke(argv: list[str]) -> int:
     """Run one command line through the CLI itself (its option parsing, checks and error lines)."""
     import sys
 
-    from torchtool.cli import app
+    from torchtool.cli import invoke
 
     saved, sys.argv = sys.argv, ["torchtool", *argv]  # what the step records as its command line (config.json)
     try:
-        return app(args=argv, prog_name="torchtool", standalone_mode=False) or 0
-    except Exception as exc:  # the parser's usage errors (what cli.main turns into one line)
-        if not hasattr(exc, "format_message"):
-            raise
-        typer.echo(output.error_line(exc.format_message()), err=True)
-        return getattr(exc, "exit_code", output.EXIT_USAGE)
+        return invoke(argv)
     finally:
         sys.argv = saved
 

@@ -44,6 +44,18 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def run_versions() -> dict[str, str]:
+    """The versions a run's results depend on, for the files it writes (meta.json, config.json)."""
+    import numpy
+    import torch
+    import torchvision
+
+    from torchtool import __version__
+
+    return {"torchtool": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
 def environment_variables() -> dict[str, str]:
     """The variables that change PyTorch's behaviour, as set now."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torchtool.core import runtime
 from torchtool.core.data.images import MAX_PIXELS, DecodeFloor
 from torchtool.core.data.loading import ImageDataset, cap_workers, make_loader
 from torchtool.core.data.transforms import CenterCrop, Normalize
-from torchtool.core.output import Failure
+from torchtool.core.output import Failure, info
 from torchtool.core.runtime import autocast
 
 
@@ -107,13 +107,18 @@ class LoadWait:
     waited_s: float = 0.0  # the waits for every later batch
     batches: int = 0
     samples: int = 0  # the samples after the first batch
-    started: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # perf_counter when the loop started and ended
     ended: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        """The whole loop's time, the first batch included (the rate a run reports)."""
+        return max(self.ended - self.started, 0.0)
 
     @property
     def loop_s(self) -> float:
         """The loop's time after the first batch arrived."""
-        return max(self.ended - self.started - self.first_s, 0.0)
+        return max(self.total_s - self.first_s, 0.0)
 
     @property
     def fraction(self) -> float:
@@ -140,6 +145,13 @@ def loader_advice(wait: LoadWait, *, workers: int, fast_decode: bool, model: str
     rate = wait.samples / wait.loop_s
     return (f"loading was the bottleneck: the model waited for images {wait.fraction:.0%} of the loop "
             f"({wait.waited_s:.1f} s of {wait.loop_s:.1f} s, {rate:.1f} images/s); try " + ", ".join(tries))
+
+
+def note_loader_bound(wait: LoadWait, loader: Any, *, fast_decode: bool, model: str, quiet: bool = False) -> None:
+    """Say :func:`loader_advice`'s line on stderr, if there is one (``--quiet`` silences it)."""
+    advice = loader_advice(wait, workers=loader.num_workers, fast_decode=fast_decode, model=model)
+    if advice:
+        info(advice, quiet)
 
 
 @torch.inference_mode()

@@ -203,7 +203,7 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
                                            fast_decode=cfg.fast_decode)
     bad = infer.BadInputs(my_paths, cfg.strict)
     parts: list[tuple[np.ndarray, ...]] = []
-    loop_started, wait = time.perf_counter(), infer.LoadWait()
+    wait = infer.LoadWait()
     with progress(total=len(mine), desc="evaluate", unit="img", quiet=cfg.quiet) as bar:
         for batch in infer.run(model, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait):
             if batch.outputs is None:
@@ -213,7 +213,6 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
             parts.append((mine[batch.indices[batch.good].numpy()], batch.targets.cpu().numpy(),
                           top.indices.cpu().numpy(), top.values[:, 0].cpu().numpy()))
 
-    loop_seconds = time.perf_counter() - loop_started
     # 3. every process's rows, in input order; rank 0 reports and writes
     gathered = dist.all_gather((parts, {int(mine[i]): e for i, e in bad.errors.items()}))
     rows = [part for rank_parts, _ in gathered for part in rank_parts]
@@ -235,15 +234,13 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
                          "device": str(dev), "amp": cfg.amp, "fast_decode": cfg.fast_decode,
                          "preprocess": pre.to_dict()},
               # the rate of the inference loop itself (model loading and start-up are in "seconds")
-              "images_per_s": round(len(images.paths) / max(loop_seconds, 1e-9), 2),
+              "images_per_s": round(len(images.paths) / max(wait.total_s, 1e-9), 2),
               "seconds": round(time.perf_counter() - started, 3)}
     if dist.is_main:
         _write(report, preds, outs)
         if skipped:
             warn(f"{len(skipped)} of {len(images.paths)} images could not be read and are not in the report")
-        advice = infer.loader_advice(wait, workers=loader.num_workers, fast_decode=cfg.fast_decode, model=built.arch)
-        if advice:
-            info(advice, cfg.quiet)
+        infer.note_loader_bound(wait, loader, fast_decode=cfg.fast_decode, model=built.arch, quiet=cfg.quiet)
     dist.barrier()
     return report
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from torchtool.core import infer, runtime
+from torchtool.core.env import run_versions
 from torchtool.core.data.images import MAX_PIXELS, find_images
 from torchtool.core.features.extractor import FeatureExtractor
 from torchtool.core.features.layers import LayerCatalog
@@ -90,13 +89,6 @@ def _fingerprint(cfg: ExtractConfig, arch: str, weights: str, layers: list[Any],
             "inputs_sha256": digest, "rows": len(paths)}
 
 
-def _versions() -> dict[str, str]:
-    import torchvision
-
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
 def list_layers(model: str | None, weights: str, image_size: int | None = None) -> list[dict[str, Any]]:
     """``--list-layers``: every layer name of the model with its per-sample shape (nothing is downloaded)."""
     arch, choice = choose_weights(model, weights)
@@ -151,7 +143,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
             "layers": {lay.name: {"target": lay.target, "pool": lay.pool, "shape": [len(paths), *shapes[lay.name]],
                                   "dtype": cfg.dtype} for lay in layers},
             "pooling": {lay.name: lay.pool for lay in layers}, "normalize": cfg.normalize,
-            "preprocess": preprocess.to_dict(), "rows": len(paths), "config": asdict(cfg), "versions": _versions()}
+            "preprocess": preprocess.to_dict(), "rows": len(paths), "config": asdict(cfg), "versions": run_versions()}
     if dist.is_main:  # run_lock made OUT
         atomic_write_text(out / "meta.json", to_json(meta))  # first, so a killed run is never taken as done
         store = FeatureStore(out, len(paths), shapes, cfg.dtype, create=not resuming, rank=0)
@@ -170,7 +162,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
                                            max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
     bad = infer.BadInputs(mine, cfg.strict)
     trim = runtime.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
-    loop_started, wait = time.perf_counter(), infer.LoadWait()
+    wait = infer.LoadWait()
     with progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet) as bar:
         for batch in infer.run(extractor, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait):
             rows = todo[batch.indices.numpy()]
@@ -186,8 +178,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
                "seconds": round(time.perf_counter() - started, 3), "out": str(out),
                "files": [str(out / f"{n}.npy") for n in names] + [str(out / "index.csv"), str(out / "meta.json")]}
     # the rate of the extraction loop itself (model loading and start-up are in "seconds")
-    loop_seconds = time.perf_counter() - loop_started
-    summary["images_per_s"] = round(len(todo) * dist.world_size / max(loop_seconds, 1e-9), 2)
+    summary["images_per_s"] = round(len(todo) * dist.world_size / max(wait.total_s, 1e-9), 2)
     if dist.is_main:
         store.write_index(paths)
         complete = counts["pending"] == 0
@@ -196,9 +187,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
         store.finish() if complete else store.close()
         if counts["skipped"]:
             warn(f"{counts['skipped']} of {len(paths)} inputs could not be read; see {out / 'index.csv'}")
-        advice = infer.loader_advice(wait, workers=loader.num_workers, fast_decode=cfg.fast_decode, model=built.arch)
-        if advice:
-            info(advice, cfg.quiet)
+        infer.note_loader_bound(wait, loader, fast_decode=cfg.fast_decode, model=built.arch, quiet=cfg.quiet)
     else:
         store.close()
     dist.barrier()  # no process exits (and gets its siblings killed by torchrun) before the files are final

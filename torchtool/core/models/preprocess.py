@@ -14,6 +14,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
+def check_crop_pct(crop_pct: float | None) -> None:
+    """``--crop-pct`` is a share of the resized image: in (0, 1]."""
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise UsageError(f"--crop-pct {crop_pct} must be in (0, 1]", hint="e.g. 0.875 (224 of 256) or 1.0")
+
+
 @dataclass
 class Preprocess:
     """Evaluation preprocessing: resize, center crop, normalise (the weights' own transforms)."""
@@ -39,9 +45,8 @@ class Preprocess:
         ``crop_pct`` (the fraction of the resized short side the center crop keeps, timm's crop_pct),
         else the weights' own ratio; and the ``interpolation`` of both resizes."""
         crop = image_size or self.crop_size
+        check_crop_pct(crop_pct)
         if resize is None and crop_pct is not None:
-            if not 0 < crop_pct <= 1:
-                raise UsageError(f"--crop-pct {crop_pct} must be in (0, 1]", hint="e.g. 0.875 (224 of 256) or 1.0")
             resize = math.floor(crop / crop_pct + 1e-6)
         if resize is None:
             resize = self.resize_size if image_size is None else round(crop * self.resize_size / self.crop_size)

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from torchtool.core.data.images import MAX_PIXELS
+from torchtool.core.models.preprocess import check_crop_pct
 from torchtool.core.output import UsageError
 from torchtool.core.runtime import DEFAULT_WORKERS, TRAIN_BATCH, check_batch_size
 
@@ -88,8 +89,7 @@ class TrainConfig:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
         check_batch_size(self.batch_size)
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise UsageError(f"--crop-pct {self.crop_pct} must be in (0, 1]", hint="e.g. 0.875 (224 of 256) or 1.0")
+        check_crop_pct(self.crop_pct)  # before anything is read, not only when the model is built
         if self.random_erasing > 1:
             raise UsageError(f"--random-erasing {self.random_erasing} is a probability: at most 1")
         if self.ema is not None and not 0 < self.ema < 1:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from torchtool.core.output import warn
+from torchtool.core.output import first_line, warn
 from torchtool.core.train.config import TrainConfig
 
 # torch's warning when a scheduler steps before its optimizer ever did (said in our words instead)
@@ -178,5 +178,5 @@ def compile_for_training(model: nn.Module) -> tuple[nn.Module, nn.Module | None]
     try:
         return torch.compile(model), model
     except Exception as exc:  # e.g. "Dynamo is not supported on Python 3.x"
-        warn(f"--compile: torch.compile is not available here ({str(exc).splitlines()[0][:300]}); training uncompiled")
+        warn(f"--compile: torch.compile is not available here ({first_line(exc)[:300]}); training uncompiled")
         return model, None

@@ -21,6 +21,7 @@ from typing import Any
 import torch.nn as nn
 
 from torchtool.core.data.folders import Splits
+from torchtool.core.env import run_versions
 from torchtool.core.files import atomic_path, atomic_write_text
 from torchtool.core.models.checkpoint import is_torchtool_checkpoint, load_checkpoint, save_checkpoint
 from torchtool.core.models.preprocess import Preprocess
@@ -210,14 +211,8 @@ def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epo
 def write_run_config(run: Run, argv: list[str], started_epoch: int) -> None:
     """OUT/config.json: every setting, the versions, and each command line that ran (or resumed) the run."""
     import json
-    import platform
     import shlex
     import time
-
-    import torch
-    import torchvision
-
-    from torchtool import __version__
 
     path = run.out / "config.json"
     commands = []
@@ -228,7 +223,6 @@ def write_run_config(run: Run, argv: list[str], started_epoch: int) -> None:
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     data = {"config": asdict(run.cfg), "arch": run.arch, "classes": run.splits.classes,
             "preprocess": run.preprocess.to_dict(),
-            "versions": {"torchtool": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-                         "python": platform.python_version()},
+            "versions": run_versions(),
             "commands": commands}
     atomic_write_text(path, to_json(data) + "\n")
