@@ -110,6 +110,42 @@ def test_best_ranks_epochs_and_keeps_only_n():
     assert best.ranked == [[0.9, 6], [0.7, 2], [0.7, 4]] and (best.metric, best.epoch) == (0.9, 6)
 
 
+def test_keep_best_moves_the_checkpoints_it_beats_down_a_place(tmp_path):
+    from types import SimpleNamespace
+
+    from torchtool.core.models.checkpoint import load_checkpoint
+    from torchtool.core.train import state
+
+    model = nn.Linear(2, 2)
+    step, schedule = _step(model), SimpleNamespace(state_dict=dict)
+    splits = SimpleNamespace(classes=["a", "b"], val_dir=str(tmp_path), val_files=[])
+    run = state.Run(TrainConfig("d", str(tmp_path), keep_best=3), tmp_path, splits, "linear", None, None, None, False,
+                    preprocess=Preprocess(), image_files={})
+    best, held = Best(keep=3), []
+    # better, better, better, worse, then between the best two: each better epoch pushes the others down
+    for epoch, metric in enumerate([0.5, 0.6, 0.7, 0.4, 0.65], start=1):
+        state.save(run, step, schedule, model, epoch=epoch, best=best, history=[], rng=[],
+                   at=best.add(metric, epoch), source="model")
+        held.append({p.name: load_checkpoint(p)["epoch"] for p in sorted(tmp_path.glob("best*.pth"))})
+    assert held == [{"best.pth": 1}, {"best.pth": 2, "best-2.pth": 1}, {"best.pth": 3, "best-2.pth": 2, "best-3.pth": 1},
+                    {"best.pth": 3, "best-2.pth": 2, "best-3.pth": 1}, {"best.pth": 3, "best-2.pth": 5, "best-3.pth": 2}]
+    assert load_checkpoint(tmp_path / "last.pth")["best_ranked"] == [[0.7, 3], [0.65, 5], [0.6, 2]]
+
+
+def test_a_loss_that_turns_non_finite_on_the_last_batch_fails_the_epoch():
+    from torchtool.core.output import Failure
+
+    step = _step(_net())
+    torch.manual_seed(1)
+    loader = [(torch.randn(8, 3, 12, 12), torch.randint(0, 3, (8,)), torch.arange(8 * b, 8 * b + 8), [""] * 8)
+              for b in range(4)]
+    loader[-1][0][0, 0, 0, 0] = float("inf")  # one pixel of the epoch's last batch: its loss is NaN
+    sums, first_bad = epochs.train_one_epoch(step, loader, BadInputs(range(32), False), _Bar())
+    assert sums.tolist()[2:] == [1, 32] and int(first_bad) == 3  # the last batch alone, counted and located
+    with pytest.raises(Failure, match="^the training loss is not finite at epoch 2, batch 4: the run diverged$"):
+        epochs.check_epoch(sums.tolist(), first_bad, 2)
+
+
 def _photo(size=96):
     from sklearn.datasets import load_sample_image
 
