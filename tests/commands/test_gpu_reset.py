@@ -1,9 +1,10 @@
 """torchtool gpu-reset against real child processes that the NVML stand-in reports as GPU users.
 
 This machine has no NVIDIA driver: ``TORCHTOOL_GPU_STANDIN`` names a JSON description of
-GPUs whose processes are the children started here, so the listing, the safety rules, the
-start-time guard and SIGTERM/SIGKILL run for real. The real NVML path runs in
-benchmarks/gpu_check.py on a GPU machine.
+GPUs whose processes are the children started here, and the children hold stand-ins for the
+/dev/nvidia* files (tests/gpu_standin.py), so the listing, the safety rules, the start-time
+guard and SIGTERM/SIGKILL run for real. The real NVML path runs in benchmarks/gpu_check.py
+on a GPU machine. The rules one by one: tests/core/test_gpu_rules.py.
 """
 
 from __future__ import annotations
@@ -14,47 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.gpu_standin import IGNORES_TERM, children, holding, prefix, standin  # noqa: F401 (a fixture)
 from torchtool.core import gpu
-
-IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
-               "time.sleep(120)"
-SLEEPS = "import time; print('ready', flush=True); time.sleep(120)"
-
-
-def _child(code: str, **kwargs) -> subprocess.Popen:
-    if "user" in kwargs:  # another user may not read this interpreter's folders: a plain sleep, once exec'd
-        proc = subprocess.Popen(["sleep", "120"], **kwargs)
-        while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"sleep"):
-            time.sleep(0.01)
-        return proc
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, **kwargs)
-    assert proc.stdout.readline().strip() == "ready"  # its signal handler is in place
-    return proc
-
-
-@pytest.fixture
-def children():
-    started: list[subprocess.Popen] = []
-
-    def start(code: str = SLEEPS, **kwargs) -> subprocess.Popen:
-        started.append(_child(code, **kwargs))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def standin(tmp_path: Path, gpus: list[dict], **extra) -> dict[str, str]:
-    path = tmp_path / "gpus.json"
-    path.write_text(json.dumps({"gpus": gpus, **extra}))
-    return {gpu.STANDIN_ENV: str(path)}
 
 
 def _run(run_torchtool, env, *args):
@@ -63,7 +28,7 @@ def _run(run_torchtool, env, *args):
 
 
 def test_dry_run_lists_and_changes_nothing(tmp_path, children, run_torchtool):
-    a, b = children(), children(IGNORES_TERM)
+    a, b = children(holding(tmp_path, "0")), children(holding(tmp_path, "1", code=IGNORES_TERM))
     env = standin(tmp_path, [
         {"name": "Stand-in A100", "base_bytes": 10 ** 9, "processes": [
             {"pid": a.pid, "used_bytes": 3 * 10 ** 9}, {"pid": "self", "used_bytes": 1},
@@ -88,7 +53,7 @@ def test_dry_run_lists_and_changes_nothing(tmp_path, children, run_torchtool):
 
 
 def test_without_a_terminal_it_refuses_to_act(tmp_path, children, run_torchtool):
-    a = children()
+    a = children(holding(tmp_path, "0"))
     env = standin(tmp_path, [{"processes": [{"pid": a.pid, "used_bytes": 10}]}])
     proc, _ = _run(run_torchtool, env)
     assert proc.returncode == 2 and "no terminal to confirm on" in proc.stderr and str(a.pid) in proc.stdout
@@ -96,7 +61,7 @@ def test_without_a_terminal_it_refuses_to_act(tmp_path, children, run_torchtool)
 
 
 def test_sigterm_then_sigkill_and_memory_freed(tmp_path, children, run_torchtool):
-    polite, stubborn = children(), children(IGNORES_TERM)
+    polite, stubborn = children(holding(tmp_path, "0")), children(holding(tmp_path, "0", code=IGNORES_TERM))
     env = standin(tmp_path, [{"name": "Stand-in", "base_bytes": 500, "processes": [
         {"pid": polite.pid, "used_bytes": 2000}, {"pid": stubborn.pid, "used_bytes": 7000},
         {"pid": "self", "used_bytes": 0}]}])
@@ -113,7 +78,7 @@ def test_sigterm_then_sigkill_and_memory_freed(tmp_path, children, run_torchtool
 
 
 def test_a_recycled_pid_is_never_signalled(tmp_path, children, run_torchtool):
-    a = children()
+    a = children(holding(tmp_path, "0"))
     real = gpu.proc_start_ticks(a.pid)
     # the listing believes another start time: the process it saw is gone and the PID was given to this one
     env = standin(tmp_path, [{"processes": [{"pid": a.pid, "used_bytes": 10, "start_ticks": real - 1000}]}])
@@ -125,7 +90,8 @@ def test_a_recycled_pid_is_never_signalled(tmp_path, children, run_torchtool):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="starting a process as another user needs root")
 def test_another_users_process_needs_all_users(tmp_path, children, run_torchtool):
-    other = children(user=65534)  # nobody
+    with open(prefix(tmp_path) + "0") as device:  # another user may not read this interpreter: a plain sleep
+        other = children(argv=["sleep", "120"], user=65534, stdin=device)  # nobody, holding the device
     env = standin(tmp_path, [{"processes": [{"pid": other.pid, "used_bytes": 10}]}])
     proc, report = _run(run_torchtool, env, "--yes", "--json")
     row = report["processes"][0]
@@ -145,21 +111,59 @@ def shutil_which_nvidia() -> bool:
 
 
 def test_device_files_without_a_context_are_listed(tmp_path, children, run_torchtool):
-    prefix = tmp_path / "dev" / "nvidia"
-    prefix.parent.mkdir()
-    for name in ("nvidia0", "nvidia1", "nvidiactl"):
-        (prefix.parent / name).write_text("")
-    holder = children(f"f = [open({str(prefix)!r} + n) for n in ('0', 'ctl')]; " + SLEEPS)
-    other_gpu = children(f"f = open({str(prefix)!r} + '1'); " + SLEEPS)
-    env = standin(tmp_path, [{"processes": []}, {"processes": []}], device_prefix=str(prefix))
-    ctl_only = children(f"f = open({str(prefix)!r} + 'ctl'); " + SLEEPS)
+    holder = children(holding(tmp_path, "0", "ctl"))
+    other_gpu = children(holding(tmp_path, "1"))
+    env = standin(tmp_path, [{"processes": []}, {"processes": []}])
+    ctl_only = children(holding(tmp_path, "ctl", "-uvm"))
     report = _run(run_torchtool, env, "--dry-run", "--json", "--gpu", "0")[1]
     rows = [(r["gpu"], r["pid"], r["kind"]) for r in report["processes"]]
     assert rows == [(0, holder.pid, "device file")]  # one row; not GPU 1's holder, not a ctl-only one
     assert "without a CUDA context" in report["processes"][0]["reason"]
     every = _run(run_torchtool, env, "--dry-run", "--json")[1]
-    assert sorted((r["gpu"] if r["gpu"] is not None else -1, r["pid"]) for r in every["processes"]) == sorted(
-        [(-1, ctl_only.pid), (0, holder.pid), (1, other_gpu.pid)])
+    assert sorted((r["gpu"] if r["gpu"] is not None else -1, r["pid"], r["action"]) for r in every["processes"]) == \
+        sorted([(-1, ctl_only.pid, "leave"), (0, holder.pid, "end"), (1, other_gpu.pid, "end")])
+
+
+def test_control_devices_only_with_include_control(tmp_path, children, run_torchtool):
+    """A monitor holding only nvidiactl/nvidia-uvm is listed and left, unless --include-control."""
+    monitor, worker = children(holding(tmp_path, "ctl", "-uvm")), children(holding(tmp_path, "0", "ctl"))
+    env = standin(tmp_path, [{"processes": []}])
+    proc, report = _run(run_torchtool, env, "--yes", "--json", "--timeout", "5")
+    rows = {r["pid"]: r for r in report["processes"]}
+    assert rows[monitor.pid]["action"] == "leave" and rows[monitor.pid]["gpu"] is None
+    assert rows[monitor.pid]["reason"].startswith("holds only control devices") and rows[monitor.pid]["result"] is None
+    assert rows[worker.pid]["result"] == "ended (SIGTERM)" and worker.wait(5) == -signal.SIGTERM
+    assert monitor.poll() is None
+    proc, report = _run(run_torchtool, env, "--yes", "--json", "--timeout", "5", "--include-control")
+    (row,) = report["processes"]
+    assert (row["pid"], row["action"], row["result"]) == (monitor.pid, "end", "ended (SIGTERM)")
+    assert monitor.wait(5) == -signal.SIGTERM
+
+
+def test_the_whole_parent_chain_is_protected(tmp_path, children, torchtool_exe):
+    """Run from a grandchild of a process that holds the GPU: that grandparent is never signalled."""
+    sibling = children(holding(tmp_path, "0"))
+    env = os.environ | standin(tmp_path, [{"processes": [{"pid": "parent", "used_bytes": 1}]}])
+    middle = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+    grandparent = holding(tmp_path, "0", code=(
+        "import subprocess, sys; "
+        f"sys.exit(subprocess.run([sys.executable, '-c', {middle!r}, {str(torchtool_exe)!r}, 'gpu-reset', '--yes', "
+        "'--json', '--timeout', '5']).returncode)"))
+    top = subprocess.Popen([sys.executable, "-c", grandparent], stdout=subprocess.PIPE, text=True, env=env)
+    out, _ = top.communicate(timeout=120)
+    assert top.returncode == 0, out  # not ended: it exited on its own, with gpu-reset's status
+    rows = {r["pid"]: r for r in json.loads(out)["processes"]}
+    assert rows[top.pid]["action"] == "leave" and rows[top.pid]["reason"] == "a parent of torchtool"
+    (middle_row,) = [r for r in rows.values() if r["kind"] == "cuda"]
+    assert middle_row["reason"] == "a parent of torchtool" and middle_row["result"] is None
+    assert rows[sibling.pid]["result"] == "ended (SIGTERM)"  # it did act, on what was not its parent
+
+
+@pytest.mark.parametrize("value", ["601", "-1", "nan", "inf"])
+def test_timeout_is_bounded(tmp_path, run_torchtool, value):
+    proc = run_torchtool("gpu-reset", "--dry-run", "--timeout", value, env=standin(tmp_path, [{"processes": []}]))
+    assert proc.returncode == 2 and proc.stderr.startswith("torchtool: error: --timeout ")
+    assert "give 0 to 600 seconds" in proc.stderr and len(proc.stderr.splitlines()) == 2  # the line and its hint
 
 
 def test_reset_says_why_not(monkeypatch):
@@ -189,16 +193,16 @@ def test_unknown_gpu_and_all_users_without_root(tmp_path, run_torchtool):
     assert proc.returncode == 2 and "--gpu 3: there is no such GPU" in proc.stderr and "GPUs here: 0" in proc.stderr
 
 
-def test_a_process_on_two_gpus_is_signalled_once(children, monkeypatch):
+def test_a_process_on_two_gpus_is_signalled_once(tmp_path, children, monkeypatch):
     from torchtool.core.gpu import reset
 
-    child = children()
+    child = children(holding(tmp_path, "0", "1"))
     rows = [gpu.Holder(i, child.pid, "cuda", 10) for i in (0, 1)]
     for row in rows:
         assert gpu.proc.describe_pid(row)
     sent = []
-    real_kill = os.kill
-    monkeypatch.setattr(os, "kill", lambda pid, sig: (sent.append((pid, sig)), real_kill(pid, sig)))
-    reset.end_holders(rows, timeout=3)
-    assert sent == [(child.pid, signal.SIGTERM)]  # signals pending at once would merge: count the calls
+    real_send = signal.pidfd_send_signal
+    monkeypatch.setattr(signal, "pidfd_send_signal", lambda fd, sig: (sent.append(sig), real_send(fd, sig)))
+    reset.end_holders(rows, 3, gpu.Rules(prefix(tmp_path), {0: 0, 1: 1}))
+    assert sent == [signal.SIGTERM]  # signals pending at once would merge: count the calls
     assert [r.result for r in rows] == ["ended (SIGTERM)"] * 2

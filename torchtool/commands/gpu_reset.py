@@ -16,9 +16,12 @@ def run(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Act without asking.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Only list; signal nothing.")] = False,
     timeout: Annotated[float, typer.Option(
-        metavar="SECONDS", min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+        metavar="SECONDS", help="Seconds between SIGTERM and SIGKILL (0 to 600).")] = 10.0,
     all_users: Annotated[bool, typer.Option(
         "--all-users", help="As root: other users' processes too (otherwise only yours are ended).")] = False,
+    include_control: Annotated[bool, typer.Option(
+        "--include-control", help="Also end processes holding only /dev/nvidiactl or /dev/nvidia-uvm "
+        "(monitors; listed when no --gpu is given).")] = False,
     reset: Annotated[bool, typer.Option(
         "--reset", help="Then run nvidia-smi --gpu-reset on each selected GPU nothing holds any more (root).")
     ] = False,
@@ -28,12 +31,12 @@ def run(
 ) -> None:
     """List the processes holding GPU memory (NVML) or a /dev/nvidia* file (orphaned workers), then end yours.
 
-    SIGTERM, then SIGKILL after --timeout to survivors; never torchtool itself, its parents or PID 1, and never a PID whose start time changed since it was listed (a recycled PID). Reports what ended and the memory freed per GPU. Without a terminal to confirm on, it lists and acts only with --yes.
+    Only a process that /proc shows holding the GPU's /dev/nvidiaN is signalled: SIGTERM, then SIGKILL after --timeout to survivors. Never torchtool itself, its parents or PID 1, kernel threads, the driver's daemons (nvidia-persistenced, nv-fabricmanager, nv-hostengine) or display servers, nor a PID whose start time changed since it was listed (a recycled PID); what is left alone is listed with the reason. Reports what ended and the memory freed per GPU. Without a terminal to confirm on, it lists and acts only with --yes.
     """
     from torchtool.core.gpu import execute, plan
 
     fmt = output.pick_format(format, json_)
-    p = plan(gpu, all_users)
+    p = plan(gpu, all_users, include_control, timeout)
     targets = [h for h in p.holders if h.action == "end"]
     act = not dry_run and (targets or reset)
     if act and not yes:

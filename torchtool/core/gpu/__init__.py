@@ -5,15 +5,18 @@ The GPU side is behind :class:`Backend`: :class:`Nvml` is the real one (nvidia-m
 the tests on machines without a GPU (it reports real processes as GPU users, so the
 selection, the start-time guard and the signalling below run for real). Everything about
 processes comes from /proc: owner, command line, start time (field 22 of /proc/PID/stat),
-open /dev/nvidia* files.
+kernel-thread flag, name (/proc/PID/comm), open /dev/nvidia* files.
 
 - :mod:`~torchtool.core.gpu.proc`: /proc (owner, command, start time, open device files).
 - :mod:`~torchtool.core.gpu.nvml`: the backends (NVML and the stand-in).
-- :mod:`~torchtool.core.gpu.reset`: the safety rules, the signals, the reset.
+- :mod:`~torchtool.core.gpu.rules`: the safety rules: who may be ended, and why the others are left.
+- :mod:`~torchtool.core.gpu.reset`: the signals, the reset.
 """
 
 from torchtool.core.gpu.nvml import STANDIN_ENV, Gpu
 from torchtool.core.gpu.proc import Holder, proc_start_ticks
-from torchtool.core.gpu.reset import execute, plan, reset_gpu
+from torchtool.core.gpu.reset import MAX_TIMEOUT, execute, plan, reset_gpu
+from torchtool.core.gpu.rules import Rules
 
-__all__ = ["STANDIN_ENV", "Gpu", "Holder", "execute", "plan", "proc_start_ticks", "reset_gpu"]
+__all__ = ["MAX_TIMEOUT", "STANDIN_ENV", "Gpu", "Holder", "Rules", "execute", "plan", "proc_start_ticks",
+           "reset_gpu"]

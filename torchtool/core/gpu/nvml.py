@@ -29,6 +29,11 @@ class Gpu:
     used_bytes: int
     mig: bool = False
     display: bool = False
+    minor: int | None = None  # N of its /dev/nvidiaN (the driver's numbering, not always the index)
+
+    @property
+    def device_number(self) -> int:
+        return self.index if self.minor is None else self.minor
 
 
 class Backend(Protocol):
@@ -64,6 +69,11 @@ class Nvml:
             h = self._handle(i)
             name = nv.nvmlDeviceGetName(h)
             mig = display = False
+            minor = None
+            try:
+                minor = int(nv.nvmlDeviceGetMinorNumber(h))
+            except nv.NVMLError:
+                pass
             try:
                 mig = nv.nvmlDeviceGetMigMode(h)[0] == nv.NVML_DEVICE_MIG_ENABLE
             except nv.NVMLError:
@@ -73,7 +83,7 @@ class Nvml:
             except nv.NVMLError:
                 pass
             found.append(Gpu(i, name.decode() if isinstance(name, bytes) else name,
-                             int(nv.nvmlDeviceGetMemoryInfo(h).used), mig, display))
+                             int(nv.nvmlDeviceGetMemoryInfo(h).used), mig, display, minor))
         return found
 
     def processes(self, index: int) -> list[tuple[int, int | None]]:
@@ -95,9 +105,10 @@ class Nvml:
 class StandIn:
     """GPUs described by a JSON file, for tests without a GPU (real processes, made-up memory).
 
-    ``{"gpus": [{"name": "...", "base_bytes": N, "mig": false, "display": false,
+    ``{"gpus": [{"name": "...", "base_bytes": N, "mig": false, "display": false, "minor": N,
     "processes": [{"pid": 123 | "self" | "parent", "used_bytes": N, "start_ticks": T}]}],
-    "device_prefix": "/tmp/x/nvidia"}``. A GPU's used memory is its base plus what its
+    "device_prefix": "/tmp/x/nvidia"}``: the processes' files named ``/tmp/x/nvidia0``... stand in for
+    /dev/nvidia0... (see :func:`~torchtool.core.gpu.proc.open_devices`). A GPU's used memory is its base plus what its
     processes that still run use, so memory is "freed" when a process really ends.
     """
 
@@ -118,7 +129,8 @@ class StandIn:
         found = []
         for i, g in enumerate(self.spec["gpus"]):
             used = g.get("base_bytes", 0) + sum(p.get("used_bytes", 0) for p in self._procs(i) if running(p["pid"]))
-            found.append(Gpu(i, g.get("name", "stand-in GPU"), used, g.get("mig", False), g.get("display", False)))
+            found.append(Gpu(i, g.get("name", "stand-in GPU"), used, g.get("mig", False), g.get("display", False),
+                             g.get("minor")))
         return found
 
     def processes(self, index: int) -> list[tuple[int, int | None]]:

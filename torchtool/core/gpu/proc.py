@@ -1,4 +1,4 @@
-"""What /proc says of a process: owner, command line, start time, open /dev/nvidia* files."""
+"""What /proc says of a process: owner, command, start time, kernel-thread flag, open /dev/nvidia* files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: the process is a kernel thread
 
 
 @dataclass
@@ -31,31 +33,72 @@ class Holder:
         return {k: v for k, v in asdict(self).items() if k not in ("uid", "start_ticks")}
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after "(comm)": [0] is field 3 (state), [1] ppid, [6] flags, [19] starttime."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def proc_start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks after boot, or None when /proc does not show it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)": state is 3, starttime 22
-
-
-def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2]
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def running(pid: int) -> bool:
-    state = _state(pid)
-    return state is not None and state not in "ZX"
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in "ZX"
 
 
 def alive(pid: int, start_ticks: int | None) -> bool:
     """The same process still runs (a zombie has ended; another start time is another process)."""
     return running(pid) and proc_start_ticks(pid) == start_ticks
+
+
+def parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def kernel_thread(pid: int) -> bool:
+    """PF_KTHREAD set, a child of kthreadd (PID 2), or no executable at all: a kernel thread."""
+    fields = _stat(pid)
+    if fields is None:
+        return False
+    if int(fields[6]) & PF_KTHREAD or fields[1] == "2":
+        return True
+    try:
+        os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:  # a kernel thread has no mm; a zombie neither, but it runs no more
+        return fields[0] not in "ZX"
+    except OSError:  # another user's process, as a user: not a sign of anything
+        pass
+    return False
+
+
+def comm(pid: int) -> str | None:
+    """The kernel's name of the process (its executable's name, 15 bytes at most)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+    except OSError:
+        return None
+
+
+def owner(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def user_name(uid: int | None) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name if uid is not None else None
+    except KeyError:
+        return str(uid)
 
 
 def _boot_time() -> float:
@@ -73,11 +116,8 @@ def describe_pid(holder: Holder) -> bool:
     holder.start_ticks = ticks
     started = _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
     holder.started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
-    try:
-        holder.uid = os.stat(f"/proc/{holder.pid}").st_uid
-        holder.user = pwd.getpwuid(holder.uid).pw_name
-    except (OSError, KeyError):
-        holder.user = str(holder.uid) if holder.uid is not None else None
+    holder.uid = owner(holder.pid)
+    holder.user = user_name(holder.uid)
     try:
         raw = Path(f"/proc/{holder.pid}/cmdline").read_bytes()
         holder.command = " ".join(os.fsdecode(part) for part in raw.split(b"\0") if part) or None
@@ -86,26 +126,38 @@ def describe_pid(holder: Holder) -> bool:
     return True
 
 
+def open_devices(pid: int, prefix: str) -> set[int | None] | None:
+    """The ``prefix``* files PID has open, as device numbers (None: nvidiactl, nvidia-uvm...); None if unreadable.
+
+    The real prefix is /dev/nvidia; the tests name a folder of ordinary files instead, a stand-in
+    for the device nodes, since what is read here is only the path each open file descriptor names.
+    """
+    found: set[int | None] = set()
+    try:
+        fds = os.scandir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    with fds:
+        for fd in fds:
+            try:
+                target = os.readlink(fd.path)
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                tail = target[len(prefix):]
+                found.add(int(tail) if tail.isdigit() else None)
+    return found
+
+
 def device_file_holders(prefix: str) -> dict[int, set[int | None]]:
-    """PIDs with a ``prefix``* device open (what ``fuser -v /dev/nvidia*`` shows) -> the GPUs those files are.
+    """PIDs with a ``prefix``* file open (what ``fuser -v /dev/nvidia*`` shows) -> their device numbers.
 
     Only processes whose /proc/PID/fd this user may read are seen (all of them for root).
     """
-    found: dict[int, set[int | None]] = {}
+    found = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = os.scandir(f"/proc/{entry.name}/fd")
-        except OSError:
-            continue
-        with fds:
-            for fd in fds:
-                try:
-                    target = os.readlink(fd.path)
-                except OSError:
-                    continue
-                if target.startswith(prefix):
-                    tail = target[len(prefix):]
-                    found.setdefault(int(entry.name), set()).add(int(tail) if tail.isdigit() else None)
+        if entry.name.isdigit():
+            devices = open_devices(int(entry.name), prefix)
+            if devices:
+                found[int(entry.name)] = devices
     return found

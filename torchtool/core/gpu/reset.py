@@ -1,4 +1,4 @@
-"""What may be ended, ending it (SIGTERM, then SIGKILL, start time checked before each signal), resetting."""
+"""Ending what the rules allow (SIGTERM, then SIGKILL, start time checked before each signal), resetting."""
 
 from __future__ import annotations
 
@@ -8,75 +8,54 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from torchtool.core.gpu.nvml import Backend, Gpu, backend
-from torchtool.core.gpu.proc import Holder, alive, describe_pid, device_file_holders, proc_start_ticks
+from torchtool.core.gpu.nvml import Gpu, backend
+from torchtool.core.gpu.proc import Holder, alive, proc_start_ticks
+from torchtool.core.gpu.rules import Rules, find_holders
 from torchtool.core.output import UsageError
 
 RESET_TIMEOUT = 120
+MAX_TIMEOUT = 600  # --timeout: a longer wait is a mistake (minutes, not seconds), not a plan
 
 
-def _protected() -> dict[int, str]:
-    """This process, its parent chain and PID 1: never signalled."""
-    keep, pid = {os.getpid(): "torchtool itself", 1: "PID 1 (init)"}, os.getppid()
-    while pid > 1 and pid not in keep:
-        keep[pid] = "a parent of torchtool"
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            pid = int(stat[stat.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError):
-            break
-    return keep
+RECYCLED = "not signalled: the PID now belongs to another process (recycled)"
+GONE = "already gone"
 
 
-def find_holders(gpus: list[Gpu], nvml: Backend, all_users: bool, every_gpu: bool = True) -> list[Holder]:
-    """Every process holding the selected GPUs, each with ``action`` "end" or "leave" and the reason.
+def _signal(h: Holder, sig: int, judge: Callable[[Holder], str | None] | None = None) -> str | None:
+    """Send ``sig`` to the process listed, after checking its start time (and ``judge``); else why not.
 
-    A process with device files open but no CUDA context is one row: on the first selected GPU
-    whose /dev/nvidiaN it holds, or (with ``every_gpu``, no --gpu given) on none when it holds
-    only /dev/nvidiactl or /dev/nvidia-uvm.
+    Through a pidfd where the kernel has them (Linux 5.3): once it is open, the checks and the
+    signal concern one process, and a PID recycled in between cannot receive the signal.
     """
-    selected = {g.index for g in gpus}
-    holders: dict[tuple[int | None, int], Holder] = {}
-    for gpu in gpus:
-        for pid, used in nvml.processes(gpu.index):
-            holders[(gpu.index, pid)] = Holder(gpu.index, pid, "cuda", used)
-    with_context = {pid for _, pid in holders}
-    for pid, devices in device_file_holders(nvml.device_prefix()).items():
-        if pid in with_context:
-            continue
-        mine = sorted(devices & selected)
-        if mine or (every_gpu and devices <= {None}):
-            holders[(mine[0] if mine else None, pid)] = Holder(mine[0] if mine else None, pid, "device file")
-    keep, me, root = _protected(), os.geteuid(), os.geteuid() == 0
-    believed = getattr(nvml, "start_ticks", lambda pid: None)
-    for h in holders.values():
-        if not describe_pid(h):
-            h.action, h.reason = "leave", "not visible here (another PID namespace: a container's process?)"
-            continue
-        h.start_ticks = believed(h.pid) or h.start_ticks
-        if h.pid in keep:
-            h.action, h.reason = "leave", keep[h.pid]
-        elif h.uid != me and not (all_users and root):
-            h.action = "leave"
-            h.reason = f"not yours (user {h.user}): " + ("pass --all-users to include it" if root
-                                                          else "only root may end it, with --all-users")
-        if h.kind == "device file" and h.action == "end":
-            h.reason = "a /dev/nvidia* file open without a CUDA context (an orphaned worker?)"
-    return sorted(holders.values(), key=lambda h: (-1 if h.gpu is None else h.gpu, h.pid))
-
-
-def _signal(h: Holder, sig: int) -> bool:
-    """Send ``sig`` if the PID is still the process listed (start time checked first)."""
-    if proc_start_ticks(h.pid) != h.start_ticks:
-        return False
     try:
-        os.kill(h.pid, sig)
+        fd = os.pidfd_open(h.pid)
     except ProcessLookupError:
-        return False
-    return True
+        return GONE
+    except OSError:  # an older kernel: the start-time check alone
+        fd = None
+    try:
+        ticks = proc_start_ticks(h.pid)
+        if ticks is not None and ticks != h.start_ticks:
+            return RECYCLED
+        if not alive(h.pid, h.start_ticks):
+            return GONE
+        why = judge(h) if judge else None
+        if why:
+            return f"not signalled: {why}"
+        if fd is None:
+            os.kill(h.pid, sig)
+        else:
+            signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        return GONE
+    except PermissionError:
+        return "not signalled: permission denied"
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return None
 
 
 def _wait(holders: list[Holder], timeout: float) -> None:
@@ -85,32 +64,27 @@ def _wait(holders: list[Holder], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def end_holders(holders: list[Holder], timeout: float) -> None:
-    """SIGTERM, ``timeout`` seconds, then SIGKILL to survivors; each target's ``result`` says what happened."""
+def end_holders(holders: list[Holder], timeout: float, rules: Rules) -> None:
+    """SIGTERM, ``timeout`` seconds, then SIGKILL to survivors; each target's ``result`` says what happened.
+
+    The rules are asked again just before SIGTERM: what changed since the listing counts.
+    """
     targets: dict[int, Holder] = {}  # one process on two GPUs is one row each, and signalled once
     for h in holders:
         if h.action == "end":
             targets.setdefault(h.pid, h)
     termed = []
     for h in targets.values():
-        if not alive(h.pid, h.start_ticks):
-            h.result = ("not signalled: the PID now belongs to another process (recycled)"
-                        if proc_start_ticks(h.pid) is not None else "already gone")
-            continue
-        try:
-            if _signal(h, signal.SIGTERM):
-                termed.append(h)
-            else:
-                h.result = "not signalled: the PID now belongs to another process (recycled)"
-        except PermissionError:
-            h.result = "not signalled: permission denied"
+        h.result = _signal(h, signal.SIGTERM, rules.judge)
+        if h.result is None:
+            termed.append(h)
     _wait(termed, timeout)
     survivors = []
     for h in termed:
-        if not alive(h.pid, h.start_ticks):
-            h.result = "ended (SIGTERM)"
-        elif _signal(h, signal.SIGKILL):
+        if alive(h.pid, h.start_ticks) and _signal(h, signal.SIGKILL) is None:
             survivors.append(h)
+        else:  # gone before or while SIGKILL was being sent
+            h.result = "ended (SIGTERM)"
     _wait(survivors, 5.0)
     for h in survivors:
         h.result = "still running after SIGKILL" if alive(h.pid, h.start_ticks) else "killed (SIGKILL)"
@@ -159,22 +133,28 @@ class ResetPlan:
     backend: Any
     gpus: list[Gpu]
     holders: list[Holder]
+    rules: Rules
     before: dict[int, int] = field(default_factory=dict)
 
 
-def plan(wanted: list[int] | None, all_users: bool) -> ResetPlan:
+def plan(wanted: list[int] | None, all_users: bool, include_control: bool = False,
+         timeout: float = 10.0) -> ResetPlan:
     """List who holds the selected GPUs, deciding what may be ended (nothing is signalled)."""
+    if not 0 <= timeout <= MAX_TIMEOUT:  # NaN too
+        raise UsageError(f"--timeout {timeout:g}: give 0 to {MAX_TIMEOUT} seconds",
+                         hint="the wait between SIGTERM and SIGKILL")
     if all_users and os.geteuid() != 0:
         raise UsageError("--all-users needs root", hint="run it as root, or leave --all-users out")
     nvml = backend()
     gpus = select_gpus(nvml.gpus(), wanted)
-    return ResetPlan(nvml, gpus, find_holders(gpus, nvml, all_users, every_gpu=not wanted),
+    rules = Rules(nvml.device_prefix(), {g.index: g.device_number for g in gpus}, all_users, include_control)
+    return ResetPlan(nvml, gpus, find_holders(gpus, nvml, rules, every_gpu=not wanted), rules,
                      {g.index: g.used_bytes for g in gpus})
 
 
 def execute(p: ResetPlan, timeout: float, reset: bool) -> list[dict[str, Any]]:
     """End the targets, then (with ``reset``) reset GPUs left idle; one summary record per GPU."""
-    end_holders(p.holders, timeout)
+    end_holders(p.holders, timeout, p.rules)
     time.sleep(0.2)  # the driver frees a context's memory just after the process is gone
     after = {g.index: g for g in p.backend.gpus()}
     rows = []
