@@ -1,16 +1,46 @@
-"""Real videos written with OpenCV for the video tests: frame i is a flat grey of level LEVEL(i)."""
+"""Real videos for the video tests: frame i is a flat grey of level LEVEL(i) with its index drawn in its
+bottom 16 rows as 16 black/white blocks (:func:`read_index` reads it back, whatever the codec did).
+
+Videos are written with OpenCV; :func:`ffmpeg` converts them (H.264 in MPEG-TS, variable frame
+rates, rotation tags) where FFmpeg is installed, and skips the test where it is not.
+"""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 STEP = 9  # grey levels between consecutive frames: a frame off by one is plain to see
+BITS = 16
 
 
 def level(i: int) -> int:
     return 20 + (i * STEP) % 220
+
+
+def frame(i: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
+    width, height = size
+    image = np.full((height, width, 3), level(i), np.uint8)
+    block = width // 8
+    for bit in range(BITS):
+        row, col = divmod(bit, 8)
+        image[height - 16 + 8 * row:height - 8 + 8 * row, col * block:(col + 1) * block] = 255 if i >> bit & 1 else 0
+    return image
+
+
+def read_index(image: np.ndarray) -> int:
+    """The index :func:`frame` drew into ``image`` (the middle of each block, so compression cannot flip it)."""
+    height, width = image.shape[:2]
+    block, n = width // 8, 0
+    for bit in range(BITS):
+        row, col = divmod(bit, 8)
+        middle = image[height - 14 + 8 * row:height - 10 + 8 * row, col * block + block // 4:(col + 1) * block - block // 4]
+        n |= int(middle.mean() > 127) << bit
+    return n
 
 
 def write_video(path: Path, frames: int, fourcc: str = "mp4v", size: tuple[int, int] = (64, 48),
@@ -22,7 +52,7 @@ def write_video(path: Path, frames: int, fourcc: str = "mp4v", size: tuple[int, 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
     assert writer.isOpened(), f"OpenCV cannot write {path}"
     for i in range(frames):
-        writer.write(np.full((size[1], size[0], 3), level(i), np.uint8))
+        writer.write(frame(i, size))
     writer.release()
     return path
 
@@ -32,3 +62,17 @@ def truncate(path: Path, fraction: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
     return path
+
+
+def ffmpeg(*args: str | Path) -> None:
+    """Run ffmpeg quietly (the test is skipped where FFmpeg is not installed: apt install ffmpeg)."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs ffmpeg (apt install ffmpeg)")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *map(str, args)], check=True, capture_output=True)
+
+
+def ffprobe(path: Path, entries: str, *extra: str) -> str:
+    """One value of ``ffprobe -show_entries ENTRIES`` for the first video stream."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", *extra, "-show_entries", entries,
+                          "-of", "default=nw=1:nk=1", str(path)], check=True, capture_output=True, text=True)
+    return out.stdout.split()[0] if out.stdout.split() else ""
