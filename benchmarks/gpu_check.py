@@ -7,8 +7,9 @@ cuda against the CPU, with --amp, --dtype float16 and, with two or more GPUs vis
 torchrun with 2 processes (nccl) against the single-process result; finetune on cuda with
 --amp (every loss in metrics.csv finite) and --resume; evaluate on cuda and with --amp against the
 CPU's report; profile on cuda (max_memory_allocated, --compare's fp16/bf16/cudnn.benchmark rows,
-a pin_memory --dataloader sweep, CUDA kernels in --trace); gpu-reset --dry-run through the real NVML
-listing a process that holds 256 MB of CUDA memory. Prints one PASS/FAIL line per check
+a pin_memory --dataloader sweep, CUDA kernels in --trace); gpu-reset through the real NVML and
+/dev/nvidia*: a process holding 256 MB of CUDA memory listed, verified and ended (memory freed), an
+NVML monitor left alone. Prints one PASS/FAIL line per check
 (SKIP for the nccl check on a one-GPU machine: a one-process group exercises no collective)
 and exits 1 if any failed. Takes a few minutes; --bench adds the extract-features benchmark
 on the GPU (up to ~7 minutes more).
@@ -224,25 +225,61 @@ def profile(work: Path, photos: Path) -> None:
     check("profile cuda --trace holds CUDA kernels", len(kernels) > 0, f"{len(kernels)} kernel events")
 
 
+def _nvidia_files(pid: int) -> list[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return sorted({os.readlink(fd) for fd in fds.iterdir() if os.readlink(fd).startswith("/dev/nvidia")})
+    except OSError:
+        return []
+
+
+def _holds(code: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", code + "; print('ready', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    return proc
+
+
 @guarded
 def gpu_reset(work: Path) -> None:
-    """gpu-reset --dry-run through the real NVML sees a process that holds CUDA memory (dry run: nothing is ended)."""
-    holder = subprocess.Popen([sys.executable, "-c", "import time, torch; x = torch.empty(256 << 20, dtype=torch.uint8, "
-                               f"device='{DEV}'); print('ready', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True)
+    """gpu-reset through the real NVML and the real /dev/nvidia*: a CUDA process is verified and ended, an NVML
+    monitor is left alone (what it holds is printed), and (--yes only when the dry run would end nothing else)
+    the CUDA memory is freed."""
+    holder = _holds(f"import time, torch; x = torch.empty(256 << 20, dtype=torch.uint8, device='{DEV}')")
+    monitor = _holds("import time, pynvml; pynvml.nvmlInit(); h = pynvml.nvmlDeviceGetHandleByIndex(0); "
+                     "pynvml.nvmlDeviceGetMemoryInfo(h)")
     try:
-        holder.stdout.readline()
-        proc = sh(*TORCHTOOL, "gpu-reset", "--dry-run")
-        print(proc.stdout)
+        for name, proc in (("CUDA holder", holder), ("NVML monitor", monitor)):
+            print(f"  {name} {proc.pid} holds {_nvidia_files(proc.pid)}")
+        print(sh(*TORCHTOOL, "gpu-reset", "--dry-run").stdout)
         proc = sh(*TORCHTOOL, "gpu-reset", "--dry-run", "--json")
         report = json.loads(proc.stdout) if proc.returncode == 0 else {"processes": []}
-        rows = [r for r in report["processes"] if r["pid"] == holder.pid]
-        check("gpu-reset --dry-run lists a CUDA process through NVML",
-              bool(rows) and rows[0]["kind"] == "cuda" and (rows[0]["memory_bytes"] or 0) >= 256 << 20
-              and rows[0]["action"] == "end" and holder.poll() is None, json.dumps(rows)[:300])
+        rows = {r["pid"]: r for r in report["processes"]}
+        mine = rows.get(holder.pid, {})
+        check("gpu-reset --dry-run lists a CUDA process through NVML, verified in /proc",
+              mine.get("kind") == "cuda" and (mine.get("memory_bytes") or 0) >= 256 << 20
+              and mine.get("action") == "end" and holder.poll() is None, json.dumps(mine)[:300])
+        watcher = rows.get(monitor.pid)
+        check("gpu-reset leaves an NVML monitor alone", watcher is None or watcher["action"] == "leave",
+              json.dumps(watcher)[:300])
+        for r in report["processes"]:
+            if r["action"] == "leave" and r["pid"] not in (holder.pid, monitor.pid):
+                print(f"  left alone: {r['pid']} {(r['command'] or '')[:40]}: {r['reason']}")
+        others = [r["pid"] for r in report["processes"] if r["action"] == "end" and r["pid"] != holder.pid]
+        if others:  # a lent machine: never end what this script did not start
+            skip("gpu-reset --yes", f"it would also end {others}")
+            return
+        proc = sh(*TORCHTOOL, "gpu-reset", "--yes", "--json", "--timeout", "10")
+        report = json.loads(proc.stdout) if proc.returncode == 0 else {"processes": [], "gpus": []}
+        ended = [r["result"] for r in report["processes"] if r["pid"] == holder.pid]
+        freed = sum(g["freed_bytes"] for g in report["gpus"] or [])
+        check("gpu-reset --yes ends the CUDA process and frees its memory, the monitor still runs",
+              ended == ["ended (SIGTERM)"] and freed >= 256 << 20 and monitor.poll() is None,
+              f"{ended}, freed {freed / 2 ** 20:.0f} MiB")
     finally:
-        holder.kill()
-        holder.wait()
+        for proc in (holder, monitor):
+            proc.kill()
+            proc.wait()
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.gpu_standin import IGNORES_TERM, children, holding, prefix, standin  # noqa: F401 (a fixture)
+from tests.gpu_standin import IGNORES_TERM, children, holding, named_sleep, prefix, standin  # noqa: F401 (fixture)
 from torchtool.core import gpu
 
 
@@ -124,20 +124,24 @@ def test_device_files_without_a_context_are_listed(tmp_path, children, run_torch
         sorted([(-1, ctl_only.pid, "leave"), (0, holder.pid, "end"), (1, other_gpu.pid, "end")])
 
 
-def test_control_devices_only_with_include_control(tmp_path, children, run_torchtool):
-    """A monitor holding only nvidiactl/nvidia-uvm is listed and left, unless --include-control."""
+def test_monitors_and_control_devices_only_with_include_control(tmp_path, children, run_torchtool):
+    """A process holding only nvidiactl/nvidia-uvm, or named like a monitor, is listed and left unless
+    --include-control."""
     monitor, worker = children(holding(tmp_path, "ctl", "-uvm")), children(holding(tmp_path, "0", "ctl"))
+    with open(prefix(tmp_path) + "0") as device:
+        nvtop = children(argv=named_sleep(tmp_path, "nvtop"), stdin=device)
     env = standin(tmp_path, [{"processes": []}])
     proc, report = _run(run_torchtool, env, "--yes", "--json", "--timeout", "5")
     rows = {r["pid"]: r for r in report["processes"]}
     assert rows[monitor.pid]["action"] == "leave" and rows[monitor.pid]["gpu"] is None
     assert rows[monitor.pid]["reason"].startswith("holds only control devices") and rows[monitor.pid]["result"] is None
+    assert rows[nvtop.pid]["reason"] == "a GPU monitor (nvtop): pass --include-control to end it"
     assert rows[worker.pid]["result"] == "ended (SIGTERM)" and worker.wait(5) == -signal.SIGTERM
-    assert monitor.poll() is None
+    assert monitor.poll() is None and nvtop.poll() is None
     proc, report = _run(run_torchtool, env, "--yes", "--json", "--timeout", "5", "--include-control")
-    (row,) = report["processes"]
-    assert (row["pid"], row["action"], row["result"]) == (monitor.pid, "end", "ended (SIGTERM)")
-    assert monitor.wait(5) == -signal.SIGTERM
+    assert {(r["pid"], r["action"], r["result"]) for r in report["processes"]} == {
+        (monitor.pid, "end", "ended (SIGTERM)"), (nvtop.pid, "end", "ended (SIGTERM)")}
+    assert monitor.wait(5) == -signal.SIGTERM and nvtop.wait(5) == -signal.SIGTERM
 
 
 def test_the_whole_parent_chain_is_protected(tmp_path, children, torchtool_exe):

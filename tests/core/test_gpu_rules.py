@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,19 @@ def test_a_process_listed_as_left_alone_is_never_signalled(tmp_path, children, m
     assert p.rules.judge(row) is None  # the rules alone would now allow it: what was shown is what counts
     reset.end_holders(p.holders, 5, p.rules)
     assert row.result is None and child.poll() is None
+
+
+def test_without_pidfds_the_start_time_check_still_guards(tmp_path, children, monkeypatch):
+    """Kernels before 5.3 have no pidfd_open: os.kill after the same checks."""
+    def no_pidfds(pid):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    first, second = children(holding(tmp_path, "0")), children(holding(tmp_path, "0"))
+    rows = [gpu.Holder(0, child.pid, "cuda", 1) for child in (first, second)]
+    for row in rows:
+        assert proc.describe_pid(row)
+    rows[1].start_ticks -= 1000  # as if the PID had been given to another process since the listing
+    reset.end_holders(rows, 5, gpu.Rules(prefix(tmp_path), {0: 0}))
+    assert rows[0].result == "ended (SIGTERM)" and first.wait(5) == -signal.SIGTERM
+    assert rows[1].result == reset.RECYCLED and second.poll() is None

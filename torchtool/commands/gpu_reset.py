@@ -20,8 +20,8 @@ def run(
     all_users: Annotated[bool, typer.Option(
         "--all-users", help="As root: other users' processes too (otherwise only yours are ended).")] = False,
     include_control: Annotated[bool, typer.Option(
-        "--include-control", help="Also end processes holding only /dev/nvidiactl or /dev/nvidia-uvm "
-        "(monitors; listed when no --gpu is given).")] = False,
+        "--include-control", help="Also end monitors (nvidia-smi, nvtop...) and processes holding only "
+        "/dev/nvidiactl or /dev/nvidia-uvm (those listed when no --gpu is given).")] = False,
     reset: Annotated[bool, typer.Option(
         "--reset", help="Then run nvidia-smi --gpu-reset on each selected GPU nothing holds any more (root).")
     ] = False,
@@ -31,7 +31,7 @@ def run(
 ) -> None:
     """List the processes holding GPU memory (NVML) or a /dev/nvidia* file (orphaned workers), then end yours.
 
-    Only a process that /proc shows holding the GPU's /dev/nvidiaN is signalled: SIGTERM, then SIGKILL after --timeout to survivors. Never torchtool itself, its parents or PID 1, kernel threads, the driver's daemons (nvidia-persistenced, nv-fabricmanager, nv-hostengine) or display servers, nor a PID whose start time changed since it was listed (a recycled PID); what is left alone is listed with the reason. Reports what ended and the memory freed per GPU. Without a terminal to confirm on, it lists and acts only with --yes.
+    Only a process that /proc shows holding the GPU's /dev/nvidiaN is signalled (monitors and holders of control devices only with --include-control): SIGTERM, then SIGKILL after --timeout to survivors. Never torchtool itself, its parents or PID 1, kernel threads, the driver's daemons (nvidia-persistenced, nv-fabricmanager, nv-hostengine) or display servers, nor a PID whose start time changed since it was listed (a recycled PID); what is left alone is listed with the reason. Reports what ended and the memory freed per GPU. Without a terminal to confirm on, it lists and acts only with --yes.
     """
     from torchtool.core.gpu import execute, plan
 

@@ -68,7 +68,7 @@ def kernel_thread(pid: int) -> bool:
     fields = _stat(pid)
     if fields is None:
         return False
-    if int(fields[6]) & PF_KTHREAD or fields[1] == "2":
+    if int(fields[6]) & PF_KTHREAD or (fields[1] == "2" and comm(2) == "kthreadd"):  # in a container, 2 is no kthreadd
         return True
     try:
         os.readlink(f"/proc/{pid}/exe")

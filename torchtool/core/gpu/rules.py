@@ -24,6 +24,8 @@ SYSTEM_DAEMONS = {
 DISPLAY_SERVERS = ("Xorg", "X", "Xwayland", "gnome-shell", "kwin_wayland", "kwin_x11", "kwin", "plasmashell",
                    "mutter", "gnome-remote-desktop", "sway", "weston", "Hyprland", "gamescope", "cinnamon",
                    "xfwm4", "compiz")
+# NVML readers: they hold /dev/nvidiaN (keeping the GPU awake) but no memory; ended only with --include-control
+MONITORS = ("nvidia-smi", "nvtop", "nvitop", "gpustat", "nvidia-settings", "gmonitor")
 COMM_LEN = 15  # /proc/PID/comm keeps the first 15 bytes of the executable's name
 
 
@@ -69,6 +71,9 @@ class Rules:
         system = system_process(h.pid)
         if system:
             return system
+        name = comm(h.pid)
+        if name in {m[:COMM_LEN] for m in MONITORS} and not self.include_control:
+            return f"a GPU monitor ({name}): pass --include-control to end it"
         uid = owner(h.pid)
         if uid is None:
             return "gone from /proc"
