@@ -29,11 +29,8 @@ MONITORS = ("nvidia-smi", "nvtop", "nvitop", "gpustat", "nvidia-settings", "gmon
 COMM_LEN = 15  # /proc/PID/comm keeps the first 15 bytes of the executable's name
 
 
-def system_process(pid: int) -> str | None:
-    """Why PID is a system daemon or a display server (by its /proc/PID/comm), or None."""
-    name = comm(pid)
-    if name is None:
-        return None
+def system_process(name: str | None) -> str | None:
+    """Why a process of this /proc/PID/comm is a system daemon or a display server, or None."""
     for daemon, what in SYSTEM_DAEMONS.items():
         if name == daemon[:COMM_LEN]:
             return f"{what} ({daemon}): a system daemon, never ended"
@@ -68,10 +65,10 @@ class Rules:
             return self.keep[h.pid]
         if kernel_thread(h.pid):
             return "a kernel thread"
-        system = system_process(h.pid)
+        name = comm(h.pid)
+        system = system_process(name)
         if system:
             return system
-        name = comm(h.pid)
         if name in {m[:COMM_LEN] for m in MONITORS} and not self.include_control:
             return f"a GPU monitor ({name}): pass --include-control to end it"
         uid = owner(h.pid)
