@@ -38,7 +38,7 @@ def test_kernel_threads_are_never_targeted(tmp_path, children, run_torchtool):
     assert proc.kernel_thread(2) and not proc.kernel_thread(os.getpid()) and not proc.kernel_thread(worker.pid)
     kthreads = [2, *_kernel_threads()]
     env = standin(tmp_path, [{"processes": [{"pid": pid, "used_bytes": 1} for pid in (*kthreads, worker.pid)]}])
-    rows = _run(run_torchtool, env, "--yes", "--all-users", "--json", "--timeout", "5")
+    rows = _run(run_torchtool, env, "--yes", "--json", "--timeout", "5")
     for pid in kthreads:
         assert (rows[pid]["action"], rows[pid]["reason"], rows[pid]["result"]) == ("leave", "a kernel thread", None)
     assert rows[worker.pid]["result"] == "ended (SIGTERM)"  # the same run did end what it should
@@ -51,7 +51,7 @@ def test_driver_daemons_and_display_servers_are_never_ended(tmp_path, children, 
                  for name in ("nvidia-persistenced", "nv-fabricmanager", "nv-hostengine", "Xorg")}
     worker = children(holding(tmp_path, "0"))
     env = standin(tmp_path, [{"display": True, "processes": [{"pid": named["Xorg"].pid, "used_bytes": 1}]}])
-    rows = _run(run_torchtool, env, "--yes", "--all-users", "--json", "--timeout", "5")
+    rows = _run(run_torchtool, env, "--yes", "--json", "--timeout", "5")
     for name, child in named.items():
         row = rows[child.pid]
         assert row["action"] == "leave" and row["result"] is None and child.poll() is None, row
