@@ -48,6 +48,64 @@ def run_python() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
+# --- long runs and the events they reach (never a fixed sleep or a short timeout) -----------------
+
+GENEROUS_S = 1800  # the bound on waiting for an event: only a hung run reaches it, a busy machine does not
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long end-to-end run (minutes on 2 busy cores); "
+                                       "-m 'not slow' leaves it out")
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """``spawn(*argv, env=None) -> Popen``: start ``argv`` in its own session, stdout and stderr to files
+    (``proc.out``, ``proc.err``: a pipe nobody reads would stall it); at teardown it and every process it
+    started are killed (SIGKILL to its process group)."""
+    import signal
+
+    started: list[subprocess.Popen] = []
+
+    def start(*argv: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        name = tmp_path / f"spawned-{len(started)}"
+        with open(f"{name}.out", "wb") as out, open(f"{name}.err", "wb") as err:
+            proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=err, env=_clean_env(env),
+                                    start_new_session=True)
+        proc.out, proc.err = Path(f"{name}.out"), Path(f"{name}.err")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: torchrun's workers too
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., None]:
+    """``wait_for(what, done, proc)``: poll ``done()`` until it is true; fail if ``proc`` ends first or
+    :data:`GENEROUS_S` pass (naming ``what`` and the end of the process's stderr)."""
+    import time
+
+    def wait(what: str, done: Callable[[], bool], proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + GENEROUS_S
+        while True:
+            ended = proc.poll() is not None  # before done(): a process that reached it and then ended is fine
+            if done():
+                return
+            if ended or time.monotonic() > deadline:
+                why = f"exited with {proc.returncode}" if ended else f"is still running after {GENEROUS_S} s"
+                err = proc.err.read_text(errors="replace")[-3000:] if hasattr(proc, "err") else ""
+                pytest.fail(f"waiting for {what}: the process {why}\n{err}")
+            time.sleep(0.05)
+
+    return wait
+
+
 # --- extract-features: real photos and weight files (session-scoped, made once) -----------
 
 
