@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import sys
+import warnings
+
 import numpy as np
 import pytest
 from sklearn import metrics
 
+from torchtool.core.evaluate.plots import plot_confusion, shown_name
 from torchtool.core.evaluate.predictions import read_predictions, write_predictions
 from torchtool.core.evaluate.report import Predictions, build_report, expected_calibration_error, report_csv
 from torchtool.core.output import UsageError
@@ -86,3 +92,104 @@ def test_prediction_files_round_trip_and_refuse_bad_ones(tmp_path):
         bad.write_text(text)
         with pytest.raises(UsageError, match=message):
             read_predictions(str(bad), CLASSES if "wolf" in text else None)
+
+
+def test_ece_bins_are_fifteen_and_the_top_one_holds_a_confidence_of_one():
+    # confidences exactly on 15-bin edges (k/15 belongs to the bin below it), 0 and 1.0
+    conf = np.array([0.0, 1 / 15, 2 / 15, 0.1, 3 / 15, 7 / 15, 0.5, 14 / 15, 0.95, 1.0, 1.0])
+    correct = np.array([0, 1, 0, 1, 1, 0, 1, 1, 1, 0, 0])
+    bins = [  # (lo, hi] of 15 bins, by hand: [members], then |sum(correct) - sum(conf)|
+        ([0.0, 1 / 15], [0, 1]),  # 0 joins the first bin
+        ([2 / 15, 0.1], [0, 1]),  # 0.1 is in (1/15, 2/15]: ten bins would put it with 0 and 1/15
+        ([3 / 15], [1]),
+        ([7 / 15], [0]),
+        ([0.5], [1]),  # (7/15, 8/15]
+        ([14 / 15], [1]),
+        ([0.95, 1.0, 1.0], [1, 0, 0]),  # (14/15, 1]: 1.0 in the top bin, not left out nor a bin of its own
+    ]
+    by_hand = sum(abs(sum(hit) - sum(c)) for c, hit in bins) / len(conf)
+    assert expected_calibration_error(conf, correct) == pytest.approx(by_hand, abs=1e-12)
+    assert by_hand != pytest.approx(expected_calibration_error(conf, correct, bins=10))
+
+
+def test_a_nan_score_gives_no_ece_rather_than_a_wrong_one():
+    scores = np.linspace(0.2, 0.9, len(LABELS))
+    scores[3] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing raw from numpy
+        report = build_report(Predictions(CLASSES, LABELS, PREDS, scores))
+    assert report["ece"] is None and report["accuracy"] == 6 / 15
+
+
+def _round_trip(tmp_path, preds: Predictions) -> Predictions:
+    path = tmp_path / "saved.csv"
+    write_predictions(path, preds)
+    return read_predictions(str(path))
+
+
+@pytest.mark.parametrize("classes", [
+    [f"class{i}" for i in range(10)],  # only class 3 present (below)
+    ["1", "10", "2"],  # numeric names: not indices 0..10
+    ["01", "02", "1"],  # zero-padded: not "unknown"
+    [" cat", "cat", "dog "],  # spaces kept, order kept
+    ["latin\udce9", "b$c$", 'comma, "quote"', "new\nline"],  # a non-UTF-8 byte, mathtext, CSV quoting
+], ids=["subset", "numeric", "zero-padded", "spaces", "odd-bytes"])
+def test_saved_predictions_read_back_to_the_identical_report(tmp_path, classes):
+    n = len(classes)
+    if n == 10:
+        labels, preds = np.array([3, 3, 3]), np.array([3, 3, 3])
+    else:
+        labels, preds = np.arange(12) % n, (np.arange(12) * 7 + 1) % n
+    scores = np.linspace(0.3, 1.0, len(labels)).round(6)
+    scores[1] = np.nan  # an unknown score travels as "nan"
+    original = Predictions(classes, labels, preds, scores, [f"/d/img{i}.png" for i in range(len(labels))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "single label" note from scikit-learn, no numpy cast warning
+        back = _round_trip(tmp_path, original)
+        assert back.classes == classes
+        assert build_report(back) == build_report(original)
+    assert report_csv(build_report(back)) == report_csv(build_report(original))
+    # the file stays a plain table (what pandas and Excel read): a header, then rows of as many cells
+    with open(tmp_path / "saved.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        table = list(csv.reader(fh))
+    assert table[0] == ["path", "label", "prediction", "score", "classes"] and len(table) == len(labels) + 1
+    assert {len(row) for row in table} == {5} and all(row[4] == "" for row in table[2:])
+
+
+def test_files_without_the_class_list_read_as_before(tmp_path):
+    old = tmp_path / "old.csv"
+    old.write_text("path,label,prediction,score\na.png,1,10,0.5\nb.png,2,2,0.9\n")  # digits are indices
+    got = read_predictions(str(old))
+    assert got.classes == [str(i) for i in range(11)] and got.predictions.tolist() == [10, 2]
+    old.write_text("label,prediction\n cat , dog\ndog,cat\n")  # names stripped and sorted
+    assert read_predictions(str(old)).classes == ["cat", "dog"]
+
+
+def test_a_utf8_bom_is_read(tmp_path, monkeypatch):
+    text = "label,prediction,score\ncat,dog,0.6\ndog,dog,0.8\n"
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # Excel's "CSV UTF-8"
+    got = read_predictions(str(bom))
+    assert got.classes == ["cat", "dog"] and got.labels.tolist() == [0, 1]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbf" + text.encode())))
+    assert read_predictions("-").predictions.tolist() == [1, 1]
+
+
+def test_one_class_in_all_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = build_report(Predictions(["only"], np.array([0, 0]), np.array([0, 0]), np.array([0.7, 1.0])))
+    assert report["confusion_matrix"] == [[2]] and report["accuracy"] == 1.0
+
+
+def test_the_picture_draws_any_class_name_as_plain_text(tmp_path, monkeypatch):
+    import matplotlib
+
+    names = ["latin\udce9", "$\\frac$", "a$b$c", "tab\there", "\u4e2d\u6587"]
+    report = build_report(Predictions(names, np.arange(5), np.array([1, 1, 2, 3, 4])))
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # a user's matplotlibrc: no LaTeX is run
+    notes = plot_confusion(report, tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    assert notes == [f"some class names in {tmp_path / 'cm.png'} have characters the font cannot draw: "
+                     "they show as boxes"]  # the CJK name, said once in our words
+    assert [shown_name(n) for n in names[:4]] == ["latin\\xe9", "$\\frac$", "a$b$c", "tab\\there"]

@@ -1,13 +1,18 @@
 """Prediction files: ``--save-predictions`` writes them, ``--predictions`` reads them (``-``: stdin).
 
 Columns ``label,prediction`` (class names or indices), optional ``score`` (the predicted
-class's probability, for the calibration error) and ``path``; other columns are ignored.
+class's probability, for the calibration error; ``nan`` when unknown) and ``path``; other
+columns are ignored. torchtool's own files add ``classes``: the class names in label order as
+a JSON list, in the first row only. With it a file reads back exactly as it was written (a
+class with no image, names such as ``01``, `` cat`` or ``10``); a file without it (another
+tool's, an older torchtool's) reads as before: stripped names, sorted, or indices 0..max.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,18 +23,19 @@ from torchtool.core.evaluate.report import Predictions
 from torchtool.core.files import atomic_write_text
 from torchtool.core.output import UsageError
 
-COLUMNS = ("path", "label", "prediction", "score")
+COLUMNS = ("path", "label", "prediction", "score", "classes")
 
 
 def write_predictions(path: str | os.PathLike, preds: Predictions) -> None:
-    """``path,label,prediction,score`` per image, class names; scores with 6 decimals (what evaluate uses)."""
+    """``path,label,prediction,score,classes`` per image, class names; scores with 6 decimals (what evaluate uses)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
     names, paths = preds.classes, preds.paths or [""] * len(preds.labels)
     scores = preds.scores if preds.scores is not None else [None] * len(preds.labels)
-    for where, y, p, s in zip(paths, preds.labels, preds.predictions, scores):
-        writer.writerow([where, names[y], names[p], "" if s is None else f"{s:.6f}"])
+    stored = json.dumps(list(names), ensure_ascii=False)  # non-UTF-8 names stay their bytes, as in the other cells
+    for i, (where, y, p, s) in enumerate(zip(paths, preds.labels, preds.predictions, scores)):
+        writer.writerow([where, names[y], names[p], "" if s is None else f"{s:.6f}", "" if i else stored])
     atomic_write_text(path, buf.getvalue(), errors="surrogateescape")
 
 
@@ -47,17 +53,36 @@ def _is_index(value: str) -> bool:
     return value.isdigit()
 
 
-def read_predictions(source: str, classes: list[str] | None = None) -> Predictions:
-    """Read a prediction CSV; class names are ``classes`` when given, else sorted names (or indices 0..max)."""
-    where = "stdin" if source == "-" else source
+def _read_text(source: str) -> str:
+    """The file (or stdin) as text: UTF-8 with or without a BOM (Excel's "CSV UTF-8"), other bytes kept."""
     if source == "-":
-        text = sys.stdin.read()
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise UsageError(f"no such predictions file: {source}")
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text))
+        stdin = getattr(sys.stdin, "buffer", None)
+        text = stdin.read().decode("utf-8", "surrogateescape") if stdin else sys.stdin.read()
+        return text.removeprefix("\ufeff")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UsageError(f"no such predictions file: {source}")
+    return path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _stored_classes(cell: str | None, where: str) -> list[str]:
+    """The ``classes`` cell of the first row: a JSON list of distinct names."""
+    try:
+        names = json.loads(cell or "")
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) < len(names):
+        raise UsageError(f"{where}: the 'classes' cell of line 2 is not a JSON list of distinct class names",
+                         hint="torchtool writes it; drop the column to read the file by its labels alone")
+    return names
+
+
+def read_predictions(source: str, classes: list[str] | None = None) -> Predictions:
+    """Read a prediction CSV; class names are ``classes`` when given, else the file's own ``classes``
+    list, else sorted names (or indices 0..max)."""
+    where = "stdin" if source == "-" else source
+    reader = csv.DictReader(io.StringIO(_read_text(source)))
     found = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = found
     missing = [c for c in ("label", "prediction") if c not in found]
@@ -67,7 +92,11 @@ def read_predictions(source: str, classes: list[str] | None = None) -> Predictio
     rows = list(reader)
     if not rows:
         raise UsageError(f"{where} holds no predictions")
-    raw = [(r["label"] or "").strip() for r in rows], [(r["prediction"] or "").strip() for r in rows]
+    exact = classes is None and "classes" in found  # the names as written, spaces and all
+    if exact:
+        classes = _stored_classes(rows[0]["classes"], where)
+    clean = (lambda v: v or "") if exact else (lambda v: (v or "").strip())
+    raw = [clean(r["label"]) for r in rows], [clean(r["prediction"]) for r in rows]
     for column, values in zip(("label", "prediction"), raw):
         if "" in values:
             raise UsageError(f"{where}: empty {column} on line {values.index('') + 2}")
@@ -78,7 +107,7 @@ def read_predictions(source: str, classes: list[str] | None = None) -> Predictio
         else:
             classes = sorted(values)
     lookup = {name: i for i, name in enumerate(classes)}
-    if all(map(_is_index, values)) and not values <= lookup.keys():  # indices into --classes
+    if not exact and all(map(_is_index, values)) and not values <= lookup.keys():  # indices into --classes
         lookup = {str(i): i for i in range(len(classes))}
     codes = []
     for column, col_values in zip(("label", "prediction"), raw):
@@ -88,17 +117,23 @@ def read_predictions(source: str, classes: list[str] | None = None) -> Predictio
             raise UsageError(f"{where}: unknown {column} {unknown[0]!r} on line {line} ({len(unknown)} unknown in all)",
                              hint=f"the classes are: {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
         codes.append(np.array([lookup[v] for v in col_values], dtype=np.int64))
-    scores = None
-    if "score" in found:
-        try:
-            scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
-        except (TypeError, ValueError):
-            bad = next(i for i, r in enumerate(rows) if not _is_float(r["score"]))
-            raise UsageError(f"{where}: score {rows[bad]['score']!r} on line {bad + 2} is not a number") from None
-        if not ((scores >= 0) & (scores <= 1)).all():
-            raise UsageError(f"{where}: scores must be probabilities between 0 and 1")
+    scores = _scores(rows, where) if "score" in found else None
     paths = [r.get("path") or "" for r in rows] if "path" in found else None
     return Predictions(classes, codes[0], codes[1], scores, paths)
+
+
+def _scores(rows: list[dict[str, str]], where: str) -> np.ndarray:
+    """The score column: probabilities, or ``nan`` where the score is unknown (the report then has no ECE)."""
+    try:
+        scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
+    except (TypeError, ValueError):
+        bad = next(i for i, r in enumerate(rows) if not _is_float(r["score"]))
+        raise UsageError(f"{where}: score {rows[bad]['score']!r} on line {bad + 2} is not a number") from None
+    outside = ~(np.isnan(scores) | ((scores >= 0) & (scores <= 1)))
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
+        raise UsageError(f"{where}: score {rows[bad]['score']!r} on line {bad + 2} is not a probability between 0 and 1")
+    return scores
 
 
 def _is_float(value: str | None) -> bool:

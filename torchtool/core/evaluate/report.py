@@ -35,7 +35,9 @@ class Predictions:
 def expected_calibration_error(confidence: Any, correct: Any, bins: int = ECE_BINS) -> float:
     """ECE over ``bins`` equal-width confidence bins ``(lo, hi]``: sum over bins of |accuracy - confidence| x share.
 
-    Per bin, share x |acc - conf| = |sum(correct) - sum(confidence)| / N, so two bincounts do it.
+    A confidence on an edge k/bins belongs to the bin below it; 0 joins the first bin and 1.0
+    the last. Per bin, share x |acc - conf| = |sum(correct) - sum(confidence)| / N, so two
+    bincounts do it.
     """
     conf = np.asarray(confidence, dtype=np.float64)
     if not conf.size:
@@ -69,16 +71,19 @@ def build_report(preds: Predictions, top_k: dict[str, float] | None = None) -> d
     for how in ("micro", "macro", "weighted"):
         ap, ar, af, _ = metrics.precision_recall_fscore_support(y, p, labels=labels, average=how, zero_division=0)
         averages[how] = {"precision": float(ap), "recall": float(ar), "f1": float(af), "support": int(len(y))}
-    matrix = metrics.confusion_matrix(y, p, labels=labels)
-    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those classes are left out, as meant
+    with warnings.catch_warnings():
+        # one class in all: sklearn asks for labels=, which it has, so the 1x1 matrix is the right shape
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        matrix = metrics.confusion_matrix(y, p, labels=labels)
+        # "y_pred contains classes not in y_true": those classes are left out, as meant
         warnings.simplefilter("ignore")
         balanced = float(metrics.balanced_accuracy_score(y, p))
     per_class = [{"class": name, "label": i, "support": int(support[i]), "precision": float(precision[i]),
                   "recall": float(recall[i]), "f1": float(f1[i]),
                   "confused": [{"class": c, "count": k} for c, k in most_confused(matrix, i, classes)]}
                  for i, name in enumerate(classes)]
-    ece = None
-    if preds.scores is not None:
+    ece = None  # no scores, or a score that is NaN: no calibration figure rather than a wrong one
+    if preds.scores is not None and not np.isnan(preds.scores).any():
         ece = expected_calibration_error(preds.scores, y == p)
     return {"images": int(len(y)), "classes": len(classes), "accuracy": float(metrics.accuracy_score(y, p)),
             "top_k": top_k, "balanced_accuracy": balanced, "ece": ece, "averages": averages,
