@@ -88,16 +88,20 @@ def test_ema_is_validated_logged_and_saved(digits4, tmp_path):
     assert best.get("weights_from", "model") == summary["best_weights"]
 
 
-def test_keep_best_keeps_exactly_n_ranked_checkpoints(digits4, tmp_path):
+def test_keep_best_keeps_exactly_n_ranked_checkpoints(digits4, tmp_path, resnet18_weights_pth):
     run = tmp_path / "run"
-    summary = _finetune(digits4, run, "--image-size", "32", "--epochs", "4", "--keep-best", "2", "--lr", "0.05")
+    # a head learning on frozen features: validation improves from chance, so epochs rank, and a new best
+    # moves the old one down to best-2.pth (mobilenet from scratch sits at chance: every epoch ties)
+    probe = ["--model", "resnet18", "--weights", resnet18_weights_pth, "--freeze-backbone", "--lr", "0.05"]
+    summary = _finetune(digits4, run, *probe, "--image-size", "32", "--epochs", "4", "--keep-best", "2")
     with open(run / "metrics.csv", newline="") as fh:
         accs = [float(r["val_acc"]) for r in csv.DictReader(fh)]
+    assert any(accs[e] > max(accs[:e]) for e in range(1, 4)), f"no epoch beat an earlier best: {accs}"
     ranked = sorted(range(1, 5), key=lambda e: -accs[e - 1])[:2]  # stable: a tie keeps the earlier epoch first
     assert sorted(p.name for p in run.glob("best*.pth")) == ["best-2.pth", "best.pth"]
     assert [load_checkpoint(run / n)["epoch"] for n in ("best.pth", "best-2.pth")] == ranked
     assert summary["kept"] == [str(run / "best.pth"), str(run / "best-2.pth")] and summary["best_epoch"] == ranked[0]
-    resumed = _finetune(digits4, run, "--resume", "--epochs", "5", "--keep-best", "1")
+    resumed = _finetune(digits4, run, *probe, "--resume", "--epochs", "5", "--keep-best", "1")
     assert [p.name for p in run.glob("best*.pth")] == ["best.pth"] and len(resumed["kept"]) == 1
     commands = json.loads((run / "config.json").read_text())["commands"]
     assert [c["from_epoch"] for c in commands] == [0, 4]  # the resume is recorded beside the first command line
