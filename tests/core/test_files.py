@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from torchtool.core import files
-from torchtool.core.output import UsageError
+from torchtool.core.output import TorchtoolError, UsageError
 
 
 def _leftovers(folder) -> list[str]:
@@ -187,3 +187,96 @@ def test_the_run_lock_clears_a_killed_runs_temporary_files(tmp_path):
             with files.run_lock(tmp_path / "run"):
                 pass
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
+
+
+# --- outputs that are not ours to replace, names at the file system's limit ------------------------
+
+
+def test_a_symlink_output_writes_its_target_and_stays_a_link(tmp_path):
+    target = tmp_path / "real.csv"
+    target.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    files.check_writable(link, overwrite=True)
+    files.atomic_write_text(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_fifo_is_written_through_and_never_replaced(tmp_path):
+    import threading
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    files.check_writable(fifo, overwrite=False)  # nothing is replaced, so no --overwrite is needed
+    files.atomic_write_text(fifo, "a,b\n")
+    reader.join(timeout=600)
+    assert got == [b"a,b\n"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_character_device_is_written_through_not_renamed_over(tmp_path):
+    devnull = os.stat(os.devnull)
+    files.check_writable(os.devnull, overwrite=True)
+    files.atomic_write_text(os.devnull, "discarded\n")
+    after = os.stat(os.devnull)
+    assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (devnull.st_ino, devnull.st_rdev)
+    # /dev/stdout is a link to the process's own descriptor: written through too
+    link = tmp_path / "stdout-like"
+    link.symlink_to(os.devnull)
+    files.atomic_write_text(link, "x")
+    assert link.is_symlink() and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_folders_sockets_and_block_devices_are_refused(tmp_path):
+    import socket
+
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(UsageError, match="--csv .*adir is a folder"):
+        files.check_writable(tmp_path / "adir", overwrite=True, what="--csv")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s.sock"))
+    try:
+        with pytest.raises(UsageError, match="not a regular file"):
+            files.check_writable(tmp_path / "s.sock", overwrite=True)
+        with pytest.raises(UsageError, match="not a regular file"), files.atomic_write(tmp_path / "s.sock") as fh:
+            fh.write("x")
+    finally:
+        sock.close()
+    block = next((p for p in ("/dev/loop0", "/dev/sda", "/dev/vda", "/dev/nvme0n1") if os.path.exists(p)
+                  and stat.S_ISBLK(os.stat(p).st_mode)), None)
+    if block:
+        with pytest.raises(UsageError, match="not a regular file"):
+            files.check_writable(block, overwrite=True)
+
+
+def test_an_output_under_a_file_or_in_a_read_only_folder_is_refused_before_the_run(tmp_path, mount_tmpfs):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TorchtoolError):
+        files.check_writable(tmp_path / "afile" / "report.csv", overwrite=False)  # exit 2 or 1, before any work
+    readonly = mount_tmpfs("1m", ro=True)
+    with pytest.raises(files.Failure, match="read-only file system"):
+        files.check_writable(readonly / "report.csv", overwrite=True, what="--csv")
+
+
+def test_names_at_the_file_systems_limit(tmp_path):
+    limit = os.statvfs(tmp_path).f_namemax
+    longest = tmp_path / ("r" * (limit - 4) + ".csv")  # fits, but .NAME.XXXXXXXX.tmp would not
+    files.check_writable(longest, overwrite=False)
+    files.atomic_write_text(longest, "ok\n")
+    assert longest.read_text() == "ok\n" and _leftovers(tmp_path) == []
+    with pytest.raises(UsageError, match=f"file name too long \\({limit + 1} bytes; the file system allows {limit}\\)"):
+        files.check_writable(tmp_path / ("r" * (limit - 3) + ".csv"), overwrite=False, what="--csv")
+    # multi-byte names are cut on bytes for the temporary name, never beyond the limit
+    wide = tmp_path / ("é" * ((limit - 4) // 2) + ".csv")
+    files.atomic_write_text(wide, "ok\n")
+    assert wide.read_text() == "ok\n" and _leftovers(tmp_path) == []
+
+
+def test_sizes_beyond_terabytes():
+    assert files.human_bytes(999) == "999 B"
+    assert files.human_bytes(1.5e15) == "1.5 PB"
+    assert files.human_bytes(2.5e18) == "2.5 EB"
+    assert files.human_bytes(1500) == "1.5 KB"

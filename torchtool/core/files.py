@@ -23,18 +23,21 @@ from typing import Any
 from torchtool.core.output import Failure, UsageError
 
 WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+                errno.EFBIG: "file too large", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.ENAMETOOLONG: "file name too long"}
 _FULL = 1 << 20  # below this much free space, a failed write is taken for a full disk
 LOCK_NAME = ".torchtool.lock"
 
 
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KB' (decimal units, as df -H and file managers show them)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    units = ("B", "KB", "MB", "GB", "TB", "PB", "EB")
+    for unit in units:
+        if abs(n) < 1000 or unit == units[-1]:
+            break
         n /= 1000
-    return f"{n:.1f} TB"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def walk_files(root: Path, wanted: Callable[[str], bool]) -> list[Path]:
@@ -115,8 +118,11 @@ def write_error(exc: BaseException, path: str | os.PathLike) -> Failure | None:
                 cause = WRITE_ERRORS[errno.ENOSPC]
     if cause is None:
         return None
-    hint = ("free some space (or choose another --out), then rerun the same command" if "space" in cause or "quota"
-            in cause else "choose an --out you can write to")
+    hints = {"space": "free some space (or choose another --out), then rerun the same command",
+             "quota": "free some space (or choose another --out), then rerun the same command",
+             "large": "choose a folder on a file system that takes files this large",
+             "name": "choose a shorter file name"}
+    hint = next((h for word, h in hints.items() if word in cause), "choose an --out you can write to")
     return Failure(f"{cause} while writing {path}", hint=hint)
 
 
@@ -178,12 +184,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it.
 
     If the body raises, the temporary file is removed and any previous ``path`` is left
-    untouched, so readers never see a half-written file.
+    untouched, so readers never see a half-written file. Only regular files are replaced: a
+    symbolic link's target is written (the link stays), a character device or FIFO is written
+    through (the path itself is yielded), anything else is refused.
     """
-    path = Path(path)
+    path = _target(Path(path))
+    kind = _kind(path)
+    if kind in ("folder", "other"):
+        raise UsageError(f"{path} is not a regular file, a pipe or a terminal", hint="give a file name")
+    if kind == "stream":
+        try:
+            yield path
+        except BaseException as exc:
+            raise write_error(exc, path) or exc from None
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise write_error(exc, path) or exc from None
     os.close(fd)
@@ -194,7 +211,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file they were given
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if _kind(path) in ("missing", "file"):  # checked again: something else may have appeared meanwhile
+            os.replace(tmp, path)
+        else:
+            raise UsageError(f"{path} is no longer a regular file; not replaced")
     except BaseException as exc:
         failure = write_error(exc, path)  # before the unlink: a full disk is judged by the space left
         with contextlib.suppress(FileNotFoundError):
@@ -223,11 +243,73 @@ def atomic_save(path: str | os.PathLike, writer: Any) -> None:
         writer(tmp)
 
 
-def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``overwrite`` was given."""
-    path = Path(path)
-    if path.exists() and not overwrite:
+def _kind(path: Path) -> str:
+    """What sits at ``path`` after following links: 'missing', 'file', 'folder', 'stream' (a character
+    device such as /dev/stdout's terminal or /dev/null, or a FIFO: written through), or 'other'."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a file where a folder should be: found by the folder check
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "stream" if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) else "other"
+
+
+def _target(path: Path) -> Path:
+    """Where a write to ``path`` lands: a symbolic link's final target (the link itself is never replaced)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.statvfs(folder).f_namemax or 255
+    except OSError:
+        return 255
+
+
+def _tmp_prefix(path: Path) -> str:
+    """The temporary name's prefix for ``path``: ``.NAME.`` cut (in bytes) so that the name mkstemp
+    makes (prefix + 8 random characters + ``.tmp``) fits the file system even when NAME barely does."""
+    room = _name_max(path.parent) - len(".") - len(".") - 8 - len(".tmp")
+    name = os.fsencode(path.name)[:max(room, 1)]
+    return "." + os.fsdecode(name) + "."
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool, what: str = "output") -> Path:
+    """Everything that can be known about writing output ``path`` before a run starts; returns ``path``.
+
+    Refused: an existing file without ``overwrite``; a folder, a block device or a socket; a name
+    longer than the file system allows; a folder this process cannot create files in (probed with a
+    real file, so a read-only mount stops root too). A symbolic link is judged by its target, which is
+    what gets written; a character device or FIFO (``/dev/stdout``, ``/dev/null``, a named pipe) is
+    written through, never replaced, so it needs no ``overwrite``.
+    """
+    path = Path(path).expanduser()
+    shown = f"{what} {path}"
+    limit = _name_max(_nearest_folder(path.parent))
+    if len(os.fsencode(path.name)) > limit:
+        raise UsageError(f"{shown}: file name too long ({len(os.fsencode(path.name))} bytes; the file system "
+                         f"allows {limit})", hint="choose a shorter file name")
+    target = _target(path)
+    kind = _kind(target)
+    if kind == "folder":
+        raise UsageError(f"{shown} is a folder", hint=f"give {what} a file name")
+    if kind == "other":
+        raise UsageError(f"{shown} is not a regular file, a pipe or a terminal", hint=f"give {what} a file name")
+    if kind == "file" and not overwrite:
         raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it")
+    if kind == "stream":
+        return path
+    writable_dir(target.parent, f"the folder of {what}")
+    return path
+
+
+def _nearest_folder(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (what a later mkdir -p would start from)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path
 
 
