@@ -237,7 +237,7 @@ def _guarded_app(exc: BaseException) -> typer.Typer:
         (output.UsageError("no such layer 'fc9'", hint="see --list-layers"), 2,
          ["torchtool: error: no such layer 'fc9'", "  hint: see --list-layers"]),
         (output.Failure("CUDA is not available"), 1, ["torchtool: error: CUDA is not available"]),
-        (KeyboardInterrupt(), 130, ["torchtool: error: interrupted", "  hint: rerun the same command to resume"]),
+        (KeyboardInterrupt(), 130, ["torchtool: error: interrupted"]),
         (OSError(28, "No space left on device", "/data/feats/gap.npy"), 1,
          ["torchtool: error: no space left on device while writing /data/feats/gap.npy",
           "  hint: free some space (or choose another --out), then rerun the same command"]),
@@ -250,6 +250,30 @@ def test_error_table(monkeypatch, exc, code, lines):
     assert result.exit_code == code
     assert result.stdout == ""
     assert result.stderr.splitlines() == lines
+
+
+def test_only_commands_that_resume_say_so_when_interrupted(monkeypatch):
+    monkeypatch.delenv("TORCHTOOL_DEBUG", raising=False)
+    said = {}
+    for name in cli.COMMANDS:
+        app = typer.Typer()
+        app.command()(cli._guarded(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), name in cli.RESUMABLE))
+        said[name] = CliRunner().invoke(app, []).stderr
+    assert all("resume" in said[name] for name in ("finetune", "extract-features"))
+    assert not any("resume" in said[name] for name in ("evaluate", "summary", "profile", "video-info", "demo"))
+
+
+def test_closed_standard_streams_give_one_line_or_silence(torchtool_exe):
+    import subprocess
+
+    exe = str(torchtool_exe)
+    for redirect, want_err in ((">&-", "stdout is closed"), ("<&-", ""), ("2>&-", "")):
+        proc = subprocess.run(["bash", "-c", f'"$0" env-info --json {redirect}', exe], capture_output=True, text=True)
+        assert proc.returncode == 0, (redirect, proc.stderr)
+        assert "Traceback" not in proc.stderr and "NoneType" not in proc.stderr
+        assert (want_err in proc.stderr) if want_err else proc.stderr == ""
+        if redirect != ">&-":
+            assert json.loads(proc.stdout)["torchtool_version"]
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(torchtool_exe):

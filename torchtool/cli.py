@@ -55,7 +55,11 @@ def _root(
         os.environ["TORCHTOOL_DEBUG"] = "1"
 
 
-def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+# commands whose rerun picks up where an interrupted run stopped
+RESUMABLE = {"finetune", "extract-features"}
+
+
+def _guarded(func: Callable[..., Any], resumable: bool = False) -> Callable[..., Any]:
     """Run a command, turning errors into one line and an exit code (the one error table)."""
 
     @functools.wraps(func)
@@ -74,7 +78,7 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
             os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except KeyboardInterrupt:
-            typer.echo(error_line("interrupted", "rerun the same command to resume"), err=True)
+            typer.echo(error_line("interrupted", "rerun the same command to resume" if resumable else None), err=True)
             raise typer.Exit(130) from None
         except Exception as exc:  # an unexpected failure: still one line unless debugging
             if debug_enabled():
@@ -92,7 +96,7 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
 
 for _name, _module in COMMANDS.items():
     _run = importlib.import_module(f"torchtool.commands.{_module}").run
-    app.command(_name)(_guarded(_run))
+    app.command(_name)(_guarded(_run, _name in RESUMABLE))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +131,7 @@ def entry() -> None:
     was imported the interpreter's teardown (about a second of freeing torch's modules)
     buys nothing: such a process flushes stdout and stderr and leaves with ``os._exit``.
     """
+    _reopen_closed_streams()
     try:
         main()
     except SystemExit as done:
@@ -139,3 +144,26 @@ def entry() -> None:
             except (OSError, ValueError):  # a closed pipe: nothing more can be said there
                 pass
         os._exit(code)
+
+
+def _reopen_closed_streams() -> None:
+    """Put /dev/null where the shell closed stdin, stdout or stderr (``>&-``).
+
+    Python leaves such a stream as None (every write a traceback), and the next file opened would
+    take the free descriptor, so output meant for stdout would land in it. Data for a closed stdout
+    is discarded with one line on stderr.
+    """
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_RDWR), fd)
+            closed.append(fd)
+    if not closed:
+        return
+    sys.stdin = sys.stdin or open(0, encoding="utf-8", errors="surrogateescape", closefd=False)
+    sys.stdout = sys.stdout or open(1, "w", encoding="utf-8", closefd=False)
+    sys.stderr = sys.stderr or open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    if 1 in closed and 2 not in closed:
+        print("torchtool: stdout is closed; the output is discarded", file=sys.stderr, flush=True)

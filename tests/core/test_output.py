@@ -174,3 +174,20 @@ def test_progress_draws_on_a_terminal_stderr(monkeypatch, capsys):
     bar.close()
     assert "images" in stream.getvalue()
     assert capsys.readouterr().out == ""
+
+
+def test_table_columns_stay_aligned_with_wide_characters_and_newlines():
+    from rich.cells import cell_len
+
+    rows = [{"name": "猫の写真.jpg", "n": 1}, {"name": "line\nbreak\tand tab.jpg", "n": 22}, {"name": "🙂.png", "n": 3}]
+    lines = output.render_table(rows).splitlines()
+    assert len(lines) == 4  # one line per row: a newline in a name does not start a new row
+    assert "line\\nbreak\\tand tab.jpg" in lines[2]
+    # the second column starts at the same terminal cell on every line
+    starts = {cell_len(line[:line.rindex(" ") + 1]) for line in lines}
+    assert len(starts) == 1, lines
+
+
+def test_a_record_value_with_a_newline_stays_on_its_line():
+    text = output.render_mapping({"model": "a\nb", "classes": 3})
+    assert text.splitlines() == ["model    a\\nb", "classes  3"]

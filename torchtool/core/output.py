@@ -148,15 +148,28 @@ def _columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -
     return list(seen)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """A cell on one line: control characters (a newline or tab in a name) as escapes such as ``\\n``."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _width(text: str) -> int:
+    """Terminal cells ``text`` takes: a CJK character or an emoji takes two (rich, which Typer brings,
+    knows the table); a non-UTF-8 byte kept as a surrogate is shown as one."""
+    from rich.cells import cell_len
+
+    return cell_len(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
+
 def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Aligned plain-text table with a header line."""
+    """Aligned plain-text table with a header line (aligned in terminal cells, one line per row)."""
     cols = _columns(rows, columns)
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
-    for row in cells:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
+    table = [[_printable(str(c)) for c in cols]] + [[_printable(_cell(r.get(c))) for c in cols] for r in rows]
+    widths = [max(_width(row[i]) for row in table) for i in range(len(cols))]
+    return "\n".join("  ".join(v + " " * (w - _width(v)) for v, w in zip(row, widths)).rstrip() for row in table)
 
 
 def render_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -185,7 +198,7 @@ def render_mapping(data: Mapping[str, Any], indent: int = 0) -> str:
                 lines.append(f"{pad}  [{i}]")
                 lines.append(render_mapping(item, indent + 4))
         else:
-            lines.append(f"{pad}{str(key).ljust(width)}  {_cell(value) if value != {} else ''}")
+            lines.append(f"{pad}{str(key).ljust(width)}  {_printable(_cell(value)) if value != {} else ''}")
     return "\n".join(lines)
 
 
