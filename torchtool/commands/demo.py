@@ -1,5 +1,6 @@
 """torchtool demo: every command on data that ships, offline, each command line printed before it runs."""
 
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated
@@ -8,6 +9,7 @@ import typer
 
 from torchtool.commands._options import Overwrite
 from torchtool.core import output
+from torchtool.core.files import write_error
 
 
 def run(
@@ -24,6 +26,7 @@ def run(
     from torchtool.core import demo
 
     out = demo.prepare_out(out, overwrite)
+    restart = shlex.join(["torchtool", "demo", "--out", str(out), *(["--quick"] if quick else []), "--overwrite"])
     started, step = time.perf_counter(), None
     try:
         output.info(f"making the demo's inputs in {out} (digits, photo crops, videos) ...")
@@ -39,12 +42,18 @@ def run(
                 raise KeyboardInterrupt
             if code:
                 raise output.Failure(f"demo step {step.name} failed (exit {code}): see the line above",
-                                     hint=f"the command was: {step.line}")
+                                     hint=f"the command was: {step.line}; `{restart}` starts again")
     except KeyboardInterrupt:
         where = f"during {step.name}" if step else "while making the inputs"
         typer.echo(output.error_line(f"demo interrupted {where}", f"what it made so far is in {out}; "
-                                     "`torchtool demo --overwrite` starts again"), err=True)
+                                     f"`{restart}` starts again"), err=True)
         raise typer.Exit(130) from None
+    except OSError as exc:  # a full disk while making the inputs: say how to start again
+        known = write_error(exc, exc.filename or out)
+        if known is None:
+            raise
+        raise output.Failure(known.message, hint=f"{known.hint.split(', then')[0]}; then `{restart}` starts "
+                             "again") from None
     seconds["total"] = time.perf_counter() - started
     typer.echo("\n# the demo's report")
     report = demo.report(out, seconds)

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from torchtool.core.output import UsageError
+from torchtool.core.files import atomic_write_text
+from torchtool.core.output import UsageError, to_json
 
 DIGIT_SIZE = 32
 
@@ -46,25 +47,61 @@ class Inputs:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def prepare_out(out: Path, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty ``out`` unless ``overwrite`` (then its demo folders are replaced)."""
-    import shutil
+MANIFEST = ".torchtool-demo.json"  # the demo's own entries in --out: all --overwrite may remove
+SUBFOLDERS = ("digits", "photos", "videos", "run", "features", "frames")
+FILES = ("report.csv", "confusion.png")
 
+
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    """Make ``out`` ready for a demo run; with ``overwrite``, remove only what an earlier demo made there.
+
+    The demo writes its manifest (the names it is about to create) before anything else, so an
+    interrupted demo is replaced as cleanly as a finished one. A non-empty folder without a manifest
+    is someone's own: refused, with or without ``overwrite``; so is a demo folder in which one of the
+    demo's names was made by someone else.
+    """
     out = out.expanduser()
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a file, not a folder", hint="give --out a new or empty folder")
+    manifest = out / MANIFEST
+    entries = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if entries and not manifest.is_file():
+        raise UsageError(f"{out} is not empty and was not made by torchtool demo (it has no {MANIFEST}); "
+                         "nothing in it was touched", hint="choose a new or empty folder for --out")
+    if entries:
         if not overwrite:
-            raise UsageError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-        for name in (*SUBFOLDERS, *FILES):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            raise UsageError(f"{out} already holds a demo", hint="pass --overwrite to replace the demo's own "
+                             "outputs (nothing else in the folder is touched), or choose another --out")
+        ours = set(_read_manifest(manifest))
+        foreign = sorted(name for name in (*SUBFOLDERS, *FILES) if name in entries and name not in ours)
+        if foreign:
+            raise UsageError(f"{out / foreign[0]} was not made by the demo; nothing was removed",
+                             hint="move it away, or choose another --out")
+        for name in ours:
+            _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(manifest, to_json({"made_by": "torchtool demo", "entries": [*SUBFOLDERS, *FILES]}) + "\n")
     return out
 
 
-SUBFOLDERS = ("digits", "photos", "videos", "run", "features", "frames")
-FILES = ("report.csv", "confusion.png")
+def _read_manifest(path: Path) -> list[str]:
+    """The demo's names a manifest lists: only plain names the demo uses (a tampered one removes nothing else)."""
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8")).get("entries", [])
+    except (OSError, ValueError, AttributeError):
+        raise UsageError(f"{path} is not a demo manifest; nothing was removed",
+                         hint="choose another --out") from None
+    return [name for name in listed if name in (*SUBFOLDERS, *FILES)]
+
+
+def _remove(path: Path) -> None:
+    """Remove one of the demo's entries; a link is removed, never what it points to."""
+    import shutil
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def make_inputs(out: Path, quick: bool) -> Inputs:
