@@ -11,7 +11,7 @@ import torchvision
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchtool.core.inspect.summary import SummaryConfig, summarize
+from torchtool.core.inspect.summary import SummaryConfig, summarize, totals
 from torchtool.core.inspect.tracking import LiveBytes
 
 # torchinfo's totals (the issue's figures, and checked live below): params, Mult-Adds at 1x3x224x224
@@ -167,3 +167,117 @@ def test_attention_macs_and_a_container_that_is_never_called():
     rows = {r["name"]: r for r in report["layers"]}
     assert rows["layers"]["type"] == "ModuleList" and rows["layers"]["output_shape"] is None  # iterated, not called
     assert rows["layers"]["macs"] == rows["layers.0"]["macs"] + rows["layers.1"]["macs"] == report["macs"]
+
+
+class Recurrent(torch.nn.Module):
+    """A 2-layer LSTM (16 -> 32) and a head; ``item`` makes the forward read a value, as a data-dependent one does."""
+
+    def __init__(self, item: bool = True):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(16, 32, num_layers=2, batch_first=True)
+        self.fc = torch.nn.Linear(32, 4)
+        self.item = item
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        if self.item and x.sum().item() < -1e9:
+            out = -out
+        return self.fc(out[:, -1])
+
+
+def recurrent_on_meta():
+    return Recurrent(item=False)
+
+
+# by hand, 10 steps: 4 gates x hidden x (input + hidden) per step and layer, then the head
+LSTM_MACS = 10 * 4 * 32 * (16 + 32) + 10 * 4 * 32 * (32 + 32) + 32 * 4
+
+
+@pytest.mark.parametrize("factory, device", [("recurrent_on_meta", "meta"), ("Recurrent", "cpu")])
+def test_lstm_macs_by_hand_on_meta_and_on_the_cpu_fallback(factory, device):
+    report = summarize(SummaryConfig(f"{__name__}:{factory}", input_sizes=["10,16"]))
+    assert report["measured_on"] == device
+    assert report["macs"] == LSTM_MACS and report["uncounted_ops"] == []  # oneDNN's fused LSTM hid all but the head
+
+
+class ItemTransformer(torch.nn.Module):
+    """small_transformer's encoder with a forward that reads a value: summarised by a real forward on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = small_transformer()
+
+    def forward(self, x):
+        return self.encoder(x) if x.sum().item() > -1e9 else x
+
+
+def test_attention_macs_by_hand_on_the_cpu_fallback():
+    report = summarize(SummaryConfig(f"{__name__}:ItemTransformer", input_sizes=["10,32"]))
+    per_layer = 10 * 32 * 96 + 4 * 10 * 10 * 8 * 2 + 10 * 32 * 32 + 10 * 32 * 64 * 2  # as on the meta device
+    assert report["measured_on"] == "cpu" and report["macs"] == 2 * per_layer and report["uncounted_ops"] == []
+
+
+class Spectrum(torch.nn.Module):
+    """A linear layer, then an FFT: an operator FlopCounterMode has no formula for."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.fft.rfft(self.fc(x)).abs()
+
+
+def test_an_operator_without_a_flop_formula_is_listed_not_hidden():
+    report = summarize(SummaryConfig(f"{__name__}:Spectrum", input_sizes=["16"]))
+    assert report["macs"] == 16 * 16 and report["uncounted_ops"] == [{"op": "aten._fft_r2c", "calls": 1}]
+    assert any("aten._fft_r2c" in note and "unknown" in note for note in report["notes"])
+    assert "aten._fft_r2c (1 call)" in totals(report)["not counted"]
+
+
+def drop_path_net(depth: int = 4, width: int = 32):
+    """timm's pattern: the constructor reads its drop-path rates from a tensor (``.item()``)."""
+    rates = [x.item() for x in torch.linspace(0, 0.1, depth)]
+    assert rates[-1] == pytest.approx(0.1)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in rates])
+
+
+def test_a_constructor_that_reads_its_own_tensors_is_built_on_meta():
+    report = summarize(SummaryConfig(f"{__name__}:drop_path_net", input_sizes=["32"]))
+    assert report["measured_on"] == "meta" and report["notes"] == []
+    assert report["total_params"] == 4 * (32 * 32 + 32) and report["macs"] == 4 * 32 * 32
+
+
+BUILT = []
+
+
+def reads_its_weights():
+    """A constructor that needs real weights (it reads one): it cannot be built on the meta device."""
+    layer = torch.nn.Linear(1000, 1000)
+    scale = layer.weight.abs().max().item()
+    BUILT.append(scale)
+    return torch.nn.Sequential(layer)
+
+
+def test_a_real_build_stops_at_half_the_free_memory(monkeypatch):
+    from torchtool.core.output import Failure
+
+    monkeypatch.setattr("torchtool.core.inspect.bounds.available_memory", lambda: 2 << 20)  # 2 MiB free
+    BUILT.clear()
+    with pytest.raises(Failure, match=r"cannot run on the meta device .*weights \(more than 1\.0 MB\) are too "
+                                      r"large for a real forward here \(2\.1 MB free\)"):
+        summarize(SummaryConfig(f"{__name__}:reads_its_weights", input_sizes=["1000"]))
+    assert BUILT == []  # stopped at the 4 MB weight, before the constructor went on
+    monkeypatch.setattr("torchtool.core.inspect.bounds.available_memory", lambda: 1 << 30)
+    report = summarize(SummaryConfig(f"{__name__}:reads_its_weights", input_sizes=["1000"]))
+    assert report["measured_on"] == "cpu" and report["total_params"] == 1000 * 1000 + 1000 and len(BUILT) == 1
+
+
+def test_batchnorm_at_batch_1_is_trained_at_2_and_said_so():
+    one = summarize(SummaryConfig("resnet18", input_sizes=["3,32,32"]))
+    two = summarize(SummaryConfig("resnet18", input_sizes=["3,32,32"], batch_size=2))
+    assert one["forward_backward_bytes"] == two["forward_backward_bytes"] and one["forward_backward_batch_size"] == 2
+    assert two["forward_backward_batch_size"] == 2 and not two["notes"]
+    assert one["notes"] == ["forward+backward memory is for a batch of 2: at 1, ValueError: Expected more than 1 "
+                            "value per channel when training, got input size torch.Size([1, 512, 1, 1])"]
+    assert "at batch 2" in totals(one)["forward+backward"] and "at batch" not in totals(two)["forward+backward"]

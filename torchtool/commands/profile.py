@@ -80,5 +80,5 @@ def run(
                 output.emit(rows, fmt)
     if report.get("exit_code"):
         if report.get("exception"):
-            output.warn(f"{report['script']} raised {report['exception']}")
+            output.warn(f"{report['script']} ended with exit code {report['exit_code']}: {report['exception']}")
         raise typer.Exit(report["exit_code"])

@@ -14,6 +14,7 @@ import torch
 
 from torchtool.core.data.images import MAX_PIXELS, find_images
 from torchtool.core.infer import image_loader
+from torchtool.core.output import Failure
 from torchtool.core.runtime import available_cpus
 
 
@@ -37,16 +38,17 @@ def _one(paths: list[Any], preprocess: Any, device: torch.device, batch: int, wo
     started = time.perf_counter()
     loader, normalize = image_loader(paths, preprocess, device, batch_size=batch, workers=workers,
                                      max_pixels=max_pixels, pin_memory=pin)
-    seen = 0
-    for images, _, _, _ in loader:
+    seen = decoded = 0
+    for images, _, _, errors in loader:
         normalize(images)
         seen += len(images)
+        decoded += sum(not e for e in errors)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
     del loader  # persistent workers end here
-    return {"workers": workers, "batch_size": batch, "pin_memory": pin, "images": seen, "seconds": elapsed,
-            "images_per_s": seen / elapsed}
+    return {"workers": workers, "batch_size": batch, "pin_memory": pin, "images": seen, "decoded": decoded,
+            "seconds": elapsed, "images_per_s": seen / elapsed}
 
 
 def sweep(folder: str, preprocess: Any, device: torch.device, batch: int, max_images: int,
@@ -61,6 +63,9 @@ def sweep(folder: str, preprocess: Any, device: torch.device, batch: int, max_im
                 if on_row:
                     on_row(f"workers {workers}, batch {size}")
                 rows.append(_one(paths, preprocess, device, size, workers, pin, max_pixels))
+                if not rows[-1]["decoded"]:  # timing failures is no measure of loading
+                    raise Failure(f"--dataloader {folder}: none of the {len(paths)} images could be decoded",
+                                  hint="check the images: extract-features lists why each one fails")
     fastest = max(rows, key=lambda r: r["images_per_s"])
     at_batch = max((r for r in rows if r["batch_size"] == batch), key=lambda r: r["images_per_s"])
     return {"folder": folder, "images": len(paths), "crop_size": preprocess.crop_size, "rows": rows,

@@ -11,19 +11,23 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.files import atomic_path, atomic_write_text
+from torchtool.core.files import atomic_write, atomic_write_text, check_writable
 from torchtool.core.output import Failure, UsageError
 
 GRAPH_SUFFIXES = (".dot", ".gv", ".svg", ".png", ".pdf")
 INSTALL_GRAPHVIZ = "install Graphviz to render it (apt install graphviz, brew install graphviz, conda install graphviz)"
 
 
-def check_graph_path(path: str) -> Path:
-    """``--graph`` must end in a suffix we can write."""
+def check_graph_path(path: str, overwrite: bool) -> Path:
+    """``--graph`` must end in a suffix we can write, and be writable (the .dot written instead too,
+    where Graphviz is missing), before any model is built."""
     target = Path(path)
     if target.suffix.lower() not in GRAPH_SUFFIXES:
         raise UsageError(f"--graph {path}: unknown suffix {target.suffix or '(none)'}",
                          hint=f"use one of {', '.join(GRAPH_SUFFIXES)}")
+    check_writable(target, overwrite, what="--graph")
+    if target.suffix.lower() not in (".dot", ".gv") and shutil.which("dot") is None:
+        check_writable(target.with_suffix(".dot"), overwrite, what="--graph")
     return target
 
 
@@ -89,10 +93,12 @@ def write_graph(dot: str, path: Path) -> tuple[Path, str | None]:
         fallback = path.with_suffix(".dot")
         atomic_write_text(fallback, dot)
         return fallback, f"Graphviz's dot program is not installed: wrote the graph as {fallback}; {INSTALL_GRAPHVIZ}"
-    with atomic_path(path) as tmp:
-        done = subprocess.run([program, f"-T{suffix[1:]}", "-o", str(tmp)], input=dot, text=True,
-                              capture_output=True, timeout=600)
-        if done.returncode != 0:
-            raise Failure(f"Graphviz's dot could not render {path}: {done.stderr.strip().splitlines()[:1]}",
-                          hint="write --graph FILE.dot and render it yourself")
+    # dot renders to its stdout and the file is written here: a full disk is then our OSError, said in one line
+    done = subprocess.run([program, f"-T{suffix[1:]}"], input=dot.encode(), capture_output=True, timeout=600)
+    if done.returncode != 0 or not done.stdout:
+        why = done.stderr.decode(errors="replace").strip().splitlines()[:1]
+        raise Failure(f"Graphviz's dot could not render {path}: {why[0] if why else f'exit {done.returncode}'}",
+                      hint="write --graph FILE.dot and render it yourself")
+    with atomic_write(path, "wb") as fh:
+        fh.write(done.stdout)
     return path, None

@@ -1,14 +1,18 @@
 """profile: how fast a model runs here, which speed tips pay off, whether loading keeps up, where time goes.
 
 Models are taken as summary takes them (:func:`~torchtool.core.models.spec.resolve_model`),
-built on the device and fed random inputs of ``--input-size``. Latency is
-``torch.utils.benchmark``'s adaptive measurement with the thread count torch really uses;
-throughput is the batch size over the median latency.
+built on the device (on the CPU only when a meta build says it fits in half the free memory,
+:mod:`~torchtool.core.inspect.bounds`) and fed random inputs of ``--input-size``. Latency is
+``torch.utils.benchmark``'s adaptive measurement with the thread count torch really uses, over
+at least five timed blocks; throughput is the batch size over the median latency. A busy or
+oversubscribed machine is warned about (``warnings``), as it makes every figure slower.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +23,11 @@ from torch.utils._pytree import tree_leaves
 from torchtool.core import output
 from torchtool.core.data.images import MAX_PIXELS, find_images
 from torchtool.core.files import check_writable
+from torchtool.core.env import cpu_model
+from torchtool.core.inspect.bounds import build_checked
 from torchtool.core.inspect.dataloader import bottleneck, sweep
 from torchtool.core.inspect.inputs import InputSpec, make_inputs, parse_input_size
-from torchtool.core.inspect.timing import measure, warm_up
+from torchtool.core.inspect.timing import busy_machine, measure, warm_up
 from torchtool.core.inspect.tips import CATALOG, TIPS, compare_tips
 from torchtool.core.inspect.trace import check_script, profile_steps, run_script
 from torchtool.core.inspect.tracking import ModuleCalls
@@ -61,6 +67,15 @@ def is_script(model: str) -> bool:
     return model.endswith(".py") and ":" not in model
 
 
+def is_stream(path: Path) -> bool:
+    """A character device or FIFO (/dev/stdout, a named pipe): written through, whatever its name."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
 def _check(cfg: ProfileConfig) -> Path | None:
     """Everything that can be wrong before a model is built; returns the trace path."""
     if cfg.top < 0 or cfg.max_time <= 0 or cfg.dataloader_images < 1:
@@ -73,8 +88,8 @@ def _check(cfg: ProfileConfig) -> Path | None:
                          hint="torchtool profile script.py -- ARGS...")
     trace = None
     if cfg.trace:
-        trace = check_writable(cfg.trace, cfg.overwrite)
-        if trace.suffix.lower() != ".json":
+        trace = check_writable(cfg.trace, cfg.overwrite, what="--trace")
+        if trace.suffix.lower() != ".json" and not is_stream(trace):
             raise UsageError(f"--trace {cfg.trace}: a trace is written as .json", hint="e.g. --trace trace.json")
     if cfg.dataloader:
         if not Path(cfg.dataloader).is_dir():
@@ -117,8 +132,11 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
 def _profile(cfg: ProfileConfig, device: torch.device, source: Any, specs: list[InputSpec], sizes: str,
              trace: Path | None) -> dict[str, Any]:
     threads = torch.get_num_threads()
+    warnings = busy_machine(threads)
+    for warning in warnings:
+        output.warn(warning)
     try:
-        model = source.build(str(device)).eval()
+        model = build_checked(source, str(device)).eval()
     except TorchtoolError:
         raise
     except Exception as exc:
@@ -137,10 +155,12 @@ def _profile(cfg: ProfileConfig, device: torch.device, source: Any, specs: list[
             return model(*inputs)
 
     say = (lambda what: output.info(f"timing {what}", cfg.quiet))
+    note = (lambda what: output.info(what, cfg.quiet))
     say("the forward")
-    timing = measure(forward, device, threads, cfg.max_time)
+    timing = measure(forward, device, threads, cfg.max_time, note)
     report: dict[str, Any] = {
-        "model": source.label, "device": str(device), "threads": threads, "batch_size": cfg.batch_size,
+        "model": source.label, "device": str(device), "cpu": cpu_model(), "threads": threads,
+        "batch_size": cfg.batch_size, "warnings": warnings,
         "input_size": [list(s.shape) for s in specs], "forward": timing.record(cfg.batch_size),
         "training_step": None, "compare": None, "dataloader": None, "bottleneck": None, "top_ops": None,
         "trace": None,
@@ -148,7 +168,7 @@ def _profile(cfg: ProfileConfig, device: torch.device, source: Any, specs: list[
     if cfg.compare:
         report["compare"] = compare_tips(model, inputs, device, threads, cfg.max_time,
                                          list(cfg.tips) if cfg.tips is not None else list(TIPS), cfg.batch_size,
-                                         on_row=say)
+                                         on_row=say, note=note)
     if cfg.dataloader:
         say(f"loading {cfg.dataloader}")
         report["dataloader"] = sweep(cfg.dataloader, source.preprocess, device, cfg.batch_size,
@@ -164,7 +184,7 @@ def _profile(cfg: ProfileConfig, device: torch.device, source: Any, specs: list[
             raise UsageError(f"--backward: the training step of {source.label} fails: {first_line(exc)}",
                              hint="a batch of 1 cannot train BatchNorm: use --batch-size 2 or more") from None
         say("a training step")
-        report["training_step"] = measure(step, device, threads, cfg.max_time).record(cfg.batch_size)
+        report["training_step"] = measure(step, device, threads, cfg.max_time, note).record(cfg.batch_size)
     if cfg.top or trace is not None:
         say("with torch.profiler")
         report["top_ops"] = profile_steps(lambda: (forward(), step() if step else None), device, TRACE_STEPS,

@@ -8,13 +8,15 @@ Activation memory is the peak of the tensors alive at once (:class:`LiveBytes`) 
 inference forward, and in a training forward + backward (gradients included).
 
 A forward that cannot run on the meta device (``.item()``, data-dependent shapes, an op
-without a meta kernel) runs once for real on the CPU instead, with a note.
+without a meta kernel) runs once for real on the CPU instead, with a note, if its weights fit
+in half the free memory (:mod:`~torchtool.core.inspect.bounds`). Both paths count the same
+kernels (:func:`countable_kernels`); a compute-heavy operator that FlopCounterMode cannot count
+is listed in ``uncounted_ops``, never silently left out of the totals.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +24,11 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchtool.core.files import check_writable, human_bytes
+from torchtool.core.files import human_bytes
+from torchtool.core.inspect.bounds import build_within, check_fits
 from torchtool.core.inspect.graph import autograd_dot, check_graph_path, write_graph
 from torchtool.core.inspect.inputs import InputSpec, make_inputs, parse_input_size, torch_dtype
-from torchtool.core.inspect.tracking import LiveBytes, ModuleCalls
+from torchtool.core.inspect.tracking import LiveBytes, ModuleCalls, Uncounted
 from torchtool.core.models.spec import ModelSource, resolve_model
 from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line
 
@@ -56,6 +59,7 @@ class Forward:
     flops: dict[str, int]  # FlopCounterMode's names ("ResNet.layer1.0") -> FLOPs, parents include children
     total_flops: int
     peak_bytes: int
+    uncounted: dict[str, int] = field(default_factory=dict)  # heavy ops without a FLOP formula -> calls
 
 
 def _is_meta_limit(exc: BaseException) -> bool:
@@ -64,31 +68,35 @@ def _is_meta_limit(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _countable_kernels():
-    """Kernels FlopCounterMode has formulas for: nn.MultiheadAttention's fused inference path and the
-    CPU's flash attention would hide their matmuls (12.6 and 1.4 GFLOPs of vit_b_16's 35.1)."""
+def countable_kernels():
+    """Kernels FlopCounterMode has formulas for, on the meta device and the CPU alike: nn.MultiheadAttention's
+    fused inference path and the CPU's flash attention would hide their matmuls (12.6 and 1.4 GFLOPs of
+    vit_b_16's 35.1), and oneDNN's fused LSTM/GRU/RNN kernel all of an RNN's (meta decomposes them anyway)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     mha = getattr(torch.backends, "mha", None)
     before = mha.get_fastpath_enabled() if mha else None
+    onednn = torch.backends.mkldnn.enabled
     if mha:
         mha.set_fastpath_enabled(False)
+    torch.backends.mkldnn.enabled = False
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
+        torch.backends.mkldnn.enabled = onednn
         if mha:
             mha.set_fastpath_enabled(before)
 
 
 def _inference(model: Any, inputs: list[Any], calls: ModuleCalls) -> Forward:
-    counter = FlopCounterMode(display=False)
+    counter, uncounted = FlopCounterMode(display=False), Uncounted()
     live = LiveBytes(ignore=[*model.parameters(), *model.buffers(), *inputs])
     model.eval()
-    with torch.no_grad(), _countable_kernels(), calls, counter, live:
+    with torch.no_grad(), countable_kernels(), calls, counter, uncounted, live:
         model(*inputs)
     return Forward(calls.output_shapes, {k: sum(v.values()) for k, v in counter.get_flop_counts().items()},
-                   counter.get_total_flops(), live.peak)
+                   counter.get_total_flops(), live.peak, dict(uncounted.calls))
 
 
 def _training_peak(model: Any, inputs: list[Any]) -> tuple[int | None, str | None]:
@@ -96,13 +104,13 @@ def _training_peak(model: Any, inputs: list[Any]) -> tuple[int | None, str | Non
     live = LiveBytes(ignore=[*model.parameters(), *model.buffers(), *inputs])
     model.train()
     try:
-        with _countable_kernels(), live:
+        with countable_kernels(), live:
             out = [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor) and t.requires_grad]
             if not out:
-                return None, "forward+backward memory not estimated: no output requires grad (no trainable parameters?)"
+                return None, "no output requires grad (no trainable parameters?)"
             sum(t.float().sum() for t in out).backward()
-    except Exception as exc:  # e.g. BatchNorm refusing a batch of 1 in training mode
-        return None, f"forward+backward memory not estimated: {first_line(exc)}"
+    except Exception as exc:  # e.g. BatchNorm refusing a batch of 1 in training mode: the caller retries at 2
+        return None, first_line(exc)
     finally:
         model.eval()
         for p in model.parameters():
@@ -120,7 +128,7 @@ def _graph(model: Any, inputs: list[Any], label: str) -> str:
             names[id(x)] = f"input {i}"
         leaves.append(x)
     model.eval()
-    with _countable_kernels():
+    with countable_kernels():
         out = [t for t in tree_leaves(model(*leaves)) if isinstance(t, torch.Tensor)]
     return autograd_dot(out, names, title=label)
 
@@ -134,10 +142,10 @@ class _MetaLimit(Exception):
 
 
 def _measure(source: ModelSource, specs: list[InputSpec], batch_size: int, dtype: Any, device: str,
-             sizes: str) -> tuple[Any, list[Any], Forward]:
+             sizes: str, reason: str | None = None) -> tuple[Any, list[Any], Forward]:
     """Build the model on ``device`` and run the inference forward: (model, inputs, what it showed)."""
-    try:
-        model = source.build(device)
+    try:  # a model that cannot be built on meta is built for real only within half the free memory
+        model = source.build(device) if device == "meta" else build_within(source, device, reason)
         model = model.to(dtype) if dtype != torch.float32 else model
     except TorchtoolError:
         raise
@@ -198,7 +206,7 @@ def summarize(cfg: SummaryConfig) -> dict[str, Any]:
     if not dtype.is_floating_point:
         raise UsageError(f"--dtype {cfg.dtype} is not a floating-point type",
                          hint="give integer inputs as --input-size 128:int64")
-    graph = check_writable(check_graph_path(cfg.graph), cfg.overwrite) if cfg.graph else None
+    graph = check_graph_path(cfg.graph, cfg.overwrite) if cfg.graph else None
     source = resolve_model(cfg.model, cfg.kwargs)
     specs = specs or [InputSpec(source.input_size)]
     sizes = " ".join(map(str, specs))
@@ -208,12 +216,16 @@ def summarize(cfg: SummaryConfig) -> dict[str, Any]:
     try:
         model, inputs, fwd = _measure(source, specs, cfg.batch_size, dtype, device, sizes)
     except _MetaLimit as limit:
-        _check_fits(limit.model, source.label, limit.reason)
+        if limit.model is not None:
+            check_fits(limit.model, source.label, limit.reason)
         notes.append(f"the forward of {source.label} cannot run on the meta device ({limit.reason}): "
                      "measured with one real forward on the CPU")
         device = "cpu"
-        model, inputs, fwd = _measure(source, specs, cfg.batch_size, dtype, device, sizes)
-    train_peak, why = _training_peak(model, inputs)
+        model, inputs, fwd = _measure(source, specs, cfg.batch_size, dtype, device, sizes, limit.reason)
+    if fwd.uncounted:
+        notes.append(f"MACs and FLOPs leave out {_uncounted_text(fwd.uncounted)}: torch's FlopCounterMode has no "
+                     "formula for them, so their share of the total is unknown")
+    train_peak, train_batch, why = _training_memory(model, inputs, specs, cfg.batch_size, dtype, device)
     if why:
         notes.append(why)
 
@@ -235,6 +247,8 @@ def summarize(cfg: SummaryConfig) -> dict[str, Any]:
         "input_bytes": _bytes(inputs),
         "forward_bytes": fwd.peak_bytes,
         "forward_backward_bytes": train_peak,
+        "forward_backward_batch_size": train_batch,
+        "uncounted_ops": [{"op": op, "calls": n} for op, n in fwd.uncounted.items()],
         "output_shape": fwd.shapes.get(""),
         "layers": _layers(model, fwd, cfg.depth),
         "notes": notes,
@@ -247,19 +261,20 @@ def summarize(cfg: SummaryConfig) -> dict[str, Any]:
     return report
 
 
-def _check_fits(model: Any, label: str, reason: str) -> None:
-    """Refuse a real CPU forward of a model whose weights would not fit in memory."""
-    if model is None:
-        return
-    need = _bytes(list(model.parameters())) + _bytes(list(model.buffers()))
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return
-    if need > available // 2:
-        raise Failure(f"the forward of {label} cannot run on the meta device ({reason}), and its weights "
-                      f"({human_bytes(need)}) are too large for a real forward here ({human_bytes(available)} free)",
-                      hint="make the forward free of data-dependent steps (.item(), .tolist(), nonzero)")
+def _uncounted_text(ops: dict[str, int]) -> str:
+    return ", ".join(f"{op} ({n} call{'s' if n > 1 else ''})" for op, n in ops.items())
+
+
+def _training_memory(model: Any, inputs: list[Any], specs: list[InputSpec], batch_size: int, dtype: Any,
+                     device: str) -> tuple[int | None, int, str | None]:
+    """(peak bytes, the batch size it was measured at, a note): BatchNorm cannot train on a batch of 1, so
+    a batch of 1 that fails is measured at 2 and said so."""
+    peak, why = _training_peak(model, inputs)
+    if peak is None and batch_size == 1 and why and "no output requires grad" not in why:
+        peak, again = _training_peak(model, make_inputs(specs, 2, dtype, device))
+        if peak is not None:
+            return peak, 2, f"forward+backward memory is for a batch of 2: at 1, {why}"
+    return peak, batch_size, f"forward+backward memory not estimated: {why}" if why else None
 
 
 def totals(report: dict[str, Any]) -> dict[str, str]:
@@ -275,7 +290,8 @@ def totals(report: dict[str, Any]) -> dict[str, str]:
 
     batch = report["batch_size"]
     shapes = ", ".join("x".join(map(str, [batch, *s])) for s in report["input_size"])
-    return {
+    train = report["forward_backward_batch_size"]
+    rows = {
         "model": report["model"],
         "input": f"{shapes} ({', '.join(dict.fromkeys(report['input_dtypes']))})",
         "total params": f"{report['total_params']:,} ({count(report['total_params'])})",
@@ -286,11 +302,16 @@ def totals(report: dict[str, Any]) -> dict[str, str]:
         "parameter memory": f"{human_bytes(report['param_bytes'])} (+ {human_bytes(report['buffer_bytes'])} buffers)",
         "input memory": human_bytes(report["input_bytes"]),
         "forward activations": f"{memory(report['forward_bytes'])} (peak, inference)",
-        "forward+backward": f"{memory(report['forward_backward_bytes'])} (peak of a training step: activations "
-                            "and gradients, weights and optimizer state not included)",
+        "forward+backward": f"{memory(report['forward_backward_bytes'])} (peak of a training step"
+                            f"{f' at batch {train}' if train != batch else ''}: activations and gradients, "
+                            "weights and optimizer state not included)",
         "measured on": "the meta device (no memory used)" if report["measured_on"] == "meta"
         else "a real forward on the CPU",
     }
+    if report["uncounted_ops"]:
+        rows["not counted"] = _uncounted_text({r["op"]: r["calls"] for r in report["uncounted_ops"]}) + \
+            " (no FLOP formula: the MACs above leave them out)"
+    return rows
 
 
 def layer_rows(report: dict[str, Any], fmt: str = "table") -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ there and the growth of the process's peak RSS on the CPU.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 WARMUP_S = 0.3  # also at least 2 calls: lazy init, oneDNN/cuDNN kernel selection, allocator growth
+MIN_SAMPLES = 5  # fewer timed blocks make no median or quartiles: a slow call gets more than --max-time
 
 
 @dataclass
@@ -90,8 +92,10 @@ def warm_up(fn: Callable[[], Any], device: torch.device, seconds: float = WARMUP
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, threads: int, max_time: float) -> Timing:
-    """Warm ``fn`` up, then time it with ``Timer.adaptive_autorange`` (at most ``max_time`` seconds)."""
+def measure(fn: Callable[[], Any], device: torch.device, threads: int, max_time: float,
+            note: Callable[[str], None] | None = None) -> Timing:
+    """Warm ``fn`` up, then time it with ``Timer.adaptive_autorange`` (at most ``max_time`` seconds), and
+    then at least MIN_SAMPLES blocks in all, however long they take (``note`` is told so)."""
     import logging
 
     # importing it imports cpp_extension, which logs "No CUDA runtime is found" on a CPU-only machine
@@ -99,12 +103,36 @@ def measure(fn: Callable[[], Any], device: torch.device, threads: int, max_time:
     from torch.utils.benchmark import Timer
 
     warm_up(fn, device)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     with PeakMemory(device) as memory:
-        m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).adaptive_autorange(
-            threshold=0.1, min_run_time=min(0.05, max_time), max_run_time=max_time)
-    times = sorted(m.times)
+        m = timer.adaptive_autorange(threshold=0.1, min_run_time=min(0.05, max_time), max_run_time=max_time)
+        times = list(m.times)
+        if len(times) < MIN_SAMPLES:
+            if note:
+                note(f"one call takes {m.median:.3g} s: timing {MIN_SAMPLES} runs (about "
+                     f"{MIN_SAMPLES * m.median * m.number_per_run:.0f} s), beyond --max-time {max_time:g}")
+            times += [timer.timeit(m.number_per_run).median for _ in range(MIN_SAMPLES - len(times))]
+    times.sort()
     q1, q3 = _quantile(times, 0.25), _quantile(times, 0.75)
-    return Timing(m.median, q1, q3, m.number_per_run * len(m.raw_times), memory.peak)
+    return Timing(_quantile(times, 0.5), q1, q3, m.number_per_run * len(times), memory.peak)
+
+
+def busy_machine(threads: int) -> list[str]:
+    """Warnings for a machine where timings are unreliable: a load above the CPUs, threads above the CPUs."""
+    from torchtool.core.runtime import available_cpus
+
+    cpus, said = available_cpus(), []
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    if load > cpus:
+        said.append(f"the machine is busy (load average {load:.1f} on {cpus} CPUs): timings are slower and "
+                    "noisier than on an idle machine")
+    if threads > cpus:
+        said.append(f"{threads} threads on {cpus} CPUs oversubscribe them: timings suffer (--threads {cpus} "
+                    "or fewer)")
+    return said
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

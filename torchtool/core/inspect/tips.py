@@ -3,6 +3,8 @@
 Every tip is a way to run the same model on the same inputs; its outputs are compared with
 the baseline's (the largest difference relative to the largest baseline value) so a tip
 that is fast but wrong shows as such. A tip that cannot run here is skipped with the reason.
+A tip is called faster or slower (``verdict``) only when its speed-up's range, from the
+quartiles of both timings, lies wholly above or below 1, and only when its outputs agree.
 """
 
 from __future__ import annotations
@@ -134,11 +136,12 @@ def relative_error(outputs: Any, reference: Any) -> float:
 
 
 def compare_tips(model: Any, inputs: list[Any], device: torch.device, threads: int, max_time: float,
-                 tips: list[str], batch_size: int, on_row: Callable[[str], None] | None = None) -> list[dict]:
+                 tips: list[str], batch_size: int, on_row: Callable[[str], None] | None = None,
+                 note: Callable[[str], None] | None = None) -> list[dict]:
     """The matrix: the baseline first, then one row per tip (speed-up, error vs the baseline, or why skipped)."""
     base_fn = _baseline(model, inputs, device)
     reference = base_fn()
-    base = measure(base_fn, device, threads, max_time)
+    base = measure(base_fn, device, threads, max_time, note)
     rows = [_row("fp32 baseline", "torch.no_grad(), float32, contiguous", base, base, 0.0, FP32_TOLERANCE,
                  batch_size)]
     for name in tips:
@@ -156,7 +159,7 @@ def compare_tips(model: Any, inputs: list[Any], device: torch.device, threads: i
             rows.append({"tip": name, "what": tip.what, "skipped": f"cannot run here: {first_line(exc)[:200]}"})
             continue
         prepared = time.perf_counter() - started
-        timing = measure(fn, device, threads, max_time)
+        timing = measure(fn, device, threads, max_time, note)
         row = _row(name, tip.what, timing, base, relative_error(outputs, reference), tip.tolerance, batch_size)
         if name == "compile":
             row["compile_s"] = prepared
@@ -165,8 +168,19 @@ def compare_tips(model: Any, inputs: list[Any], device: torch.device, threads: i
     return rows
 
 
+def verdict(base: Any, timing: Any, same_outputs: bool) -> tuple[float, float, str]:
+    """(lowest, highest speed-up the quartiles allow, the word for it): "faster"/"slower" only when that range
+    excludes 1; a tip whose outputs differ is never a speed-up."""
+    low, high = base.q1_s / timing.q3_s, base.q3_s / timing.q1_s
+    if not same_outputs:
+        return low, high, "outputs differ"
+    return low, high, "faster" if low > 1 else "slower" if high < 1 else "no clear difference"
+
+
 def _row(name: str, what: str, timing: Any, base: Any, error: float, tolerance: float, batch: int) -> dict:
+    same = error <= tolerance
+    low, high, word = verdict(base, timing, same) if timing is not base else (1.0, 1.0, "baseline")
     return {"tip": name, "what": what, "median_ms": timing.median_s * 1e3, "iqr_ms": timing.iqr_s * 1e3,
             "samples_per_s": batch / timing.median_s, "speedup": base.median_s / timing.median_s,
-            "max_rel_error": error, "tolerance": tolerance, "within_tolerance": error <= tolerance,
-            "skipped": None}
+            "speedup_low": low, "speedup_high": high, "verdict": word,
+            "max_rel_error": error, "tolerance": tolerance, "within_tolerance": same, "skipped": None}

@@ -3,7 +3,9 @@
 Script mode is what ``python -m torch.utils.bottleneck script.py`` does (cProfile and the
 autograd profiler over one run of the script), without its re-runs and crashes: the script
 runs once, in this process, as ``__main__`` with its own ``sys.argv``; its stdout goes to
-stderr (stdout is for the tables); its exit code and exception are reported.
+stderr (stdout is for the tables); its exit code and exception are reported; a child it forks
+ends when the script returns (it never prints torchtool's tables); Ctrl-C ends the script and
+the tables cover the run so far.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ import os
 import pstats
 import runpy
 import sys
+import json
+import re
+import shutil
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from torchtool.core.files import atomic_path
-from torchtool.core.output import UsageError
+from torchtool.core.files import atomic_write
+from torchtool.core.output import Failure, UsageError
 
 
 def profiler(device: torch.device, memory: bool = True) -> Any:
@@ -52,10 +58,42 @@ def top_ops(prof: Any, n: int, cuda: bool) -> list[dict[str, Any]]:
     return rows
 
 
+# How kineto ends a whole trace; a trace cut short by a failed write does not (the full parse decides otherwise).
+_WHOLE_END = re.compile(rb'\]\s*,\s*"traceName"\s*:\s*"(?:[^"\\]|\\.)*"\s*\}\s*$')
+
+
+def _whole(trace: str) -> bool:
+    """Whether the JSON file ``trace`` was written to its end."""
+    size = os.path.getsize(trace)
+    with open(trace, "rb") as fh:
+        fh.seek(max(0, size - (64 << 10)))
+        if size and _WHOLE_END.search(fh.read()):
+            return True
+        fh.seek(0)
+        try:
+            json.load(fh)
+        except ValueError:
+            return False
+    return True
+
+
 def export_trace(prof: Any, path: Path) -> None:
-    """The Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev), written atomically."""
-    with atomic_path(path) as tmp:
-        prof.export_chrome_trace(str(tmp))
+    """The Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev), written atomically.
+
+    torch's C++ writer ignores failed writes (a full disk gave an empty trace and exit 0), and it
+    writes a file of its own beside the path it is given, then renames it. So it writes into a
+    private temporary folder, the trace is checked to be whole, and Python copies it through the
+    atomic path, whose failed writes are one line with the temporary file removed.
+    """
+    with tempfile.TemporaryDirectory(prefix="torchtool-trace-") as folder:
+        written = os.path.join(folder, path.name)
+        prof.export_chrome_trace(written)
+        if not os.path.isfile(written) or not _whole(written):
+            raise Failure(f"torch.profiler could not write the whole trace in {folder} (a full disk or a file size "
+                          "limit?)",
+                          hint="free some space there, or set TMPDIR to a folder with room, and rerun")
+        with open(written, "rb") as src, atomic_write(path, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
 
 
 def profile_steps(fn: Callable[[], Any], device: torch.device, steps: int, top: int,
@@ -90,6 +128,14 @@ def _python_top(stats: cProfile.Profile, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _end_child(code: Any) -> None:
+    """End a forked child as its own ``sys.exit`` would have, without running any more of torchtool."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
+
+
 def run_script(script: Path, args: list[str], top: int, trace: Path | None) -> dict[str, Any]:
     """Run ``script`` once under cProfile and torch.profiler: both top tables, its exit code and exception."""
     argv, path0 = sys.argv, sys.path[0] if sys.path else None
@@ -98,6 +144,7 @@ def run_script(script: Path, args: list[str], top: int, trace: Path | None) -> d
     python = cProfile.Profile()
     code, error = 0, None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pid = os.getpid()
     try:
         with profiler(device, memory=False) as prof, contextlib.redirect_stdout(sys.stderr):
             python.enable()
@@ -105,10 +152,16 @@ def run_script(script: Path, args: list[str], top: int, trace: Path | None) -> d
                 runpy.run_path(str(script), run_name="__main__")
             except SystemExit as done:
                 code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+                if not isinstance(done.code, (int, type(None))):
+                    error = f"SystemExit: {done.code}".splitlines()[0]
+            except KeyboardInterrupt:
+                code, error = 130, "KeyboardInterrupt (Ctrl-C): the tables cover the run until then"
             except Exception as exc:  # the script's own failure: its traceback is the user's to read
                 traceback.print_exc(file=sys.stderr)
                 code, error = 1, f"{type(exc).__name__}: {exc}".splitlines()[0]
             finally:
+                if os.getpid() != pid:  # a child the script forked came back here: it is not torchtool
+                    _end_child(code)
                 python.disable()
     finally:
         sys.argv = argv

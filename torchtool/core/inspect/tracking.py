@@ -4,17 +4,23 @@
   module that was running when the forward failed (so a wrong ``--input-size`` names its layer).
 - :class:`LiveBytes`: a dispatch mode that follows every tensor the forward (and backward)
   creates until it is freed (storage weak references, so views and in-place results are not
-  counted twice), giving the peak activation memory, on the meta device as on a real one.
+  counted twice), giving the peak activation memory, on the meta device as on a real one;
+  with a ``limit`` it stops a real build that would not fit (:class:`OverBudget`).
+- :class:`Uncounted`: the compute-heavy operators FlopCounterMode has no formula for.
 """
 
 from __future__ import annotations
 
+import collections
+import os
+import re
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import flop_registry
 
 from torchtool.core.output import UsageError, first_line
 
@@ -102,6 +108,25 @@ def storage_key(tensor: Any) -> int | None:
         return None
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still give a process without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class OverBudget(Exception):
+    """The tensors alive passed :class:`LiveBytes`' ``limit``."""
+
+
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the tensors created inside the block that are alive at once (weights and inputs excluded).
 
@@ -114,8 +139,9 @@ class LiveBytes(TorchDispatchMode):
     references are asked only when that sum passes the peak by 1%: the peak is exact to 1%.
     """
 
-    def __init__(self, ignore: list[Any] = ()):
+    def __init__(self, ignore: list[Any] = (), limit: int | None = None):
         super().__init__()
+        self.limit = limit
         self.known = {k for t in ignore if (k := storage_key(t)) is not None}
         self.alive: dict[int, tuple[StorageWeakRef, int]] = {}
         self.live = 0
@@ -130,8 +156,29 @@ class LiveBytes(TorchDispatchMode):
                     storage = t.untyped_storage()
                     self.alive[key] = (StorageWeakRef(storage), storage.nbytes())
                     self.live += storage.nbytes()
-        if self.live > self.peak + self.peak // 100:
+        if self.live > self.peak + self.peak // 100 or (self.limit is not None and self.live > self.limit):
             for key in [k for k, (ref, _) in self.alive.items() if ref.expired()]:
                 self.live -= self.alive.pop(key)[1]
             self.peak = max(self.peak, self.live)
+            if self.limit is not None and self.live > self.limit:  # an empty() is seen before its pages are touched
+                raise OverBudget(self.live)
         return out
+
+
+# Operators that multiply matrices or convolve: if FlopCounterMode has no formula for one, its FLOPs are missing.
+_HEAVY = re.compile(r"mm|mv|dot|addr|conv|lstm|gru|rnn|attention|transformer|einsum|fft|linear|mkldnn|cudnn|"
+                    r"miopen|cdist|trilinear|tensordot|nnpack|matmul|linalg")
+
+
+class Uncounted(TorchDispatchMode):
+    """The compute-heavy operators a forward ran that FlopCounterMode cannot count: name -> calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        packet = func.overloadpacket
+        if packet not in flop_registry and _HEAVY.search(str(packet).removeprefix("aten.")):
+            self.calls[str(packet)] += 1
+        return func(*args, **(kwargs or {}))

@@ -30,16 +30,17 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The matrix with speed-ups as 1.42x and the tolerance check as yes/NO."""
+    """The matrix with speed-ups as 1.42x (and the range the quartiles allow), the verdict, the tolerance check."""
     shown = []
     for r in rows:
         if r.get("skipped"):
-            shown.append({"tip": r["tip"], "median_ms": "-", "speedup": "-", "max_rel_error": "-",
+            shown.append({"tip": r["tip"], "median_ms": "-", "speedup": "-", "verdict": "-", "max_rel_error": "-",
                           "same_outputs": f"skipped: {r['skipped']}"})
             continue
         note = f" (compiled in {r['compile_s']:.1f} s)" if "compile_s" in r else ""
-        shown.append({"tip": r["tip"], "median_ms": f"{r['median_ms']:.2f}", "speedup": f"{r['speedup']:.2f}x",
-                      "max_rel_error": f"{r['max_rel_error']:.1e}",
+        spread = f" ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})" if r["verdict"] != "baseline" else ""
+        shown.append({"tip": r["tip"], "median_ms": f"{r['median_ms']:.2f}", "speedup": f"{r['speedup']:.2f}x{spread}",
+                      "verdict": r["verdict"], "max_rel_error": f"{r['max_rel_error']:.1e}",
                       "same_outputs": ("yes" if r["within_tolerance"] else "NO") + f" (tol {r['tolerance']:g}){note}"})
     return shown
 

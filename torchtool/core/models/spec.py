@@ -9,23 +9,109 @@
 
 :func:`resolve_model` checks the spec (imports the factory, reads the file) without building
 anything; :meth:`ModelSource.build` builds, on the meta device when asked, so a model larger
-than RAM costs nothing.
+than RAM costs nothing. User code (a factory's module, its constructor) runs inside
+:func:`user_code`: what it prints goes to stderr, and its ``sys.exit`` is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from torchtool.core.models.names import check_arch
 from torchtool.core.models.preprocess import Preprocess
-from torchtool.core.output import Failure, UsageError, first_line, suggest
+from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line, suggest
 
+# A constructor's own small tensors (timm's drop-path rates: [x.item() for x in torch.linspace(0, rate, depth)],
+# index tables) are made for real on the CPU during a meta build, so that it can read them.
+SMALL_NUMEL = 1 << 16
+
+
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run a user's code (``what`` names it): its prints go to stderr, stdout stays the tool's; ``sys.exit`` is
+    a one-line :class:`Failure` with the code and message (Python's and the file descriptor's stdout both)."""
+    sys.stdout.flush()
+    saved = _redirect_fd(1, 2)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except SystemExit as done:
+        code = done.code
+        said = "" if code is None or isinstance(code, int) else f": {code}"
+        number = 1 if said else (code or 0)
+        raise Failure(f"{what} called sys.exit({number}){said}".splitlines()[0],
+                      hint="a factory must return the model, not exit") from None
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _redirect_fd(fd: int, to: int) -> int | None:
+    """Point ``fd`` at ``to``'s file (C extensions print there); the saved copy to restore, or None."""
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        os.dup2(to, fd)
+    except OSError:
+        os.close(saved)
+        return None
+    return saved
+
+
+def _meta_build(build: Callable[[str], Any]) -> Any:
+    """``build("meta")`` under ``torch.device("meta")``, except that a factory call (no device given) whose result
+    has at most SMALL_NUMEL elements makes it on the CPU; the model's own tensors then move to meta."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    constructors = _device_constructors()
+
+    class MetaBuild(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if func not in constructors or kwargs.get("device") is not None:
+                return func(*args, **kwargs)
+            out = func(*args, **{**kwargs, "device": "meta"})
+            if isinstance(out, torch.Tensor) and out.numel() <= SMALL_NUMEL:
+                return func(*args, **{**kwargs, "device": "cpu"})
+            return out
+
+    with MetaBuild():
+        model = build("meta")
+    if isinstance(model, torch.nn.Module):
+        _to_meta(model)
+    return model
+
+
+def _to_meta(model: Any) -> None:
+    """Move the CPU parameters and buffers of ``model`` to meta in place, a shared tensor once (ties kept)."""
+    import torch
+
+    moved: dict[int, tuple[Any, Any]] = {}  # id -> (the original, kept alive so ids stay unique; its meta copy)
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is None or tensor.device.type == "meta":
+                    continue
+                if id(tensor) not in moved:
+                    meta = tensor.to("meta")
+                    if isinstance(tensor, torch.nn.Parameter):
+                        meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                    moved[id(tensor)] = (tensor, meta)
+                store[key] = moved[id(tensor)][1]
 
 
 @dataclass
@@ -46,8 +132,12 @@ class ModelSource:
         """The model, built directly on ``device`` ("meta": no memory for its weights)."""
         import torch
 
-        with torch.device(device):
-            model = self._build(device)
+        with user_code(f"building {self.label}"):
+            if device == "meta":
+                model = _meta_build(self._build)
+            else:
+                with torch.device(device):
+                    model = self._build(device)
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"{self.label} returned a {type(model).__name__}, not a torch.nn.Module",
                              hint="the factory must return the model itself")
@@ -78,7 +168,10 @@ def _import_module(where: str) -> Any:
             sys.path.insert(0, os.getcwd())
         load = lambda: importlib.import_module(where)  # noqa: E731
     try:
-        return load()
+        with user_code(f"importing {where}"):
+            return load()
+    except TorchtoolError:
+        raise
     except ModuleNotFoundError as exc:
         if exc.name and where.startswith(exc.name):
             raise UsageError(f"cannot import {where!r}: no module named {exc.name!r}",
