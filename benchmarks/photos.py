@@ -18,7 +18,7 @@ like camera photos (~2 MB) instead of like smooth upscales (~0.3 MB).
     extraction loop (the command's own images_per_s), and their ratios;
 (3) forward-only images/s on pre-decoded batches (the limit; benchmarks/extract_features.py's (b)).
 Each round runs (3), exact, fast, (3) again: the ratios are taken per round; the figures
-are medians over rounds.
+are medians over rounds. Exits 1 when a goal is not met.
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def make_photos(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def decode_costs(paths: list[Path]) -> None:
-    """(1): CPU ms per photo of decode + crop on each path, PSNR and feature cosine of the crops."""
+def decode_costs(paths: list[Path]) -> bool:
+    """(1): CPU ms per photo of decode + crop on each path, PSNR and feature cosine of the crops.
+
+    True when both goals (CPU ratio, PSNR) are met."""
     from torchtool.core.data.transforms import Normalize
     from torchtool.core.features import FeatureExtractor
     from torchtool.core.models import build_model
@@ -109,12 +111,14 @@ def decode_costs(paths: list[Path]) -> None:
     cosine = torch.nn.functional.cosine_similarity(fe, ff)
     me, mf = statistics.median(cpu["exact"]) * 1000, statistics.median(cpu["fast"]) * 1000
     ratio = me / mf
+    met = {"ratio": ratio >= 4, "psnr": float(psnr.min()) >= 40}
     print(f"(1) decode + Resize(256) + CenterCrop(224), CPU time per photo (one thread, {len(paths)} photos, "
           f"alternating): exact {me:.1f} ms, --fast-decode {mf:.1f} ms (median): {ratio:.2f}x less "
-          f"(goal >= 4x, {'met' if ratio >= 4 else 'NOT met'})")
+          f"(goal >= 4x, {'met' if met['ratio'] else 'NOT met'})")
     print(f"    closeness of the 224 crops: PSNR min {psnr.min():.1f} dB, median {psnr.median():.1f} dB (goal >= 40 dB, "
-          f"{'met' if psnr.min() >= 40 else 'NOT met'}); resnet18 gap feature cosine min {cosine.min():.6f}, "
+          f"{'met' if met['psnr'] else 'NOT met'}); resnet18 gap feature cosine min {cosine.min():.6f}, "
           f"median {cosine.median():.6f}")
+    return all(met.values())
 
 
 def main() -> None:
@@ -131,7 +135,7 @@ def main() -> None:
         tmp = Path(tmp)
         folder = args.keep or tmp / "photos"
         paths = make_photos(folder, args.photos)
-        decode_costs(paths[: args.decode_photos])
+        decode_met = decode_costs(paths[: args.decode_photos])
         forward = ForwardOnly(paths[:16], 16, "cpu")
         keys = ("exact_a", "exact_loop", "fast_a", "fast_loop", "forward", "loop_ratio", "a_ratio",
                 "exact_loop/forward", "fast_loop/forward")
@@ -151,11 +155,14 @@ def main() -> None:
         print(f"(2) torchtool extract-features --model resnet18 --layer gap over {len(paths)} photos:")
         print(f"    exact:         {m['exact_a']:6.2f} images/s whole process, {m['exact_loop']:6.2f} in the loop")
         print(f"    --fast-decode: {m['fast_a']:6.2f} images/s whole process, {m['fast_loop']:6.2f} in the loop")
+        loop_met = m["loop_ratio"] >= 2
         print(f"    ratio fast/exact: loop {m['loop_ratio']:.2f}x (goal >= 2x, "
-              f"{'met' if m['loop_ratio'] >= 2 else 'NOT met'}), whole process {m['a_ratio']:.2f}x")
+              f"{'met' if loop_met else 'NOT met'}), whole process {m['a_ratio']:.2f}x")
         print(f"(3) forward only, pre-decoded batches: {m['forward']:6.2f} images/s; the loop reaches "
               f"{m['exact_loop/forward']:.2f} of it exact, {m['fast_loop/forward']:.2f} with --fast-decode")
         print("per round: " + "; ".join(f"{k} " + " ".join(f"{v:.2f}" for v in r) for k, r in runs.items()))
+    if not (decode_met and loop_met):
+        raise SystemExit(1)  # a goal above is NOT met
 
 
 if __name__ == "__main__":
