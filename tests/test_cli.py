@@ -108,8 +108,9 @@ def test_bash_completion_of_options(run_torchtool):
     assert proc.stdout.split() == ["--min-gpus"]
 
 
-def test_version(run_torchtool):
-    proc = run_torchtool("--version")
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(run_torchtool, flag):
+    proc = run_torchtool(flag)
     assert proc.returncode == 0
     assert proc.stdout == f"torchtool {__version__}\n"
     assert proc.stderr == ""

@@ -1,7 +1,7 @@
-"""Every command line in the README runs as written, so the README cannot drift from the tool.
+"""Every command line in the README and in docs/ runs as written, so neither can drift from the tool.
 
-Each ``torchtool ...`` line of the README's ``sh`` blocks (pipes, redirects and ``\\``
-continuations included) runs through bash in one working folder that holds what the
+Each ``torchtool ...`` line of the ``sh`` blocks of README.md and docs/**/*.md, each once
+(pipes, redirects and ``\\`` continuations included), runs through bash in one working folder that holds what the
 examples name (imgs/, more.jpg, data/, photos/, paths.txt). What this machine cannot have
 is replaced, and nothing else:
 
@@ -28,7 +28,9 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 # Appended to each command (click takes the last value of an option given twice).
 SMALL = {
     "extract-features": ["--image-size", "64", "--workers", "0", "--device", "cpu"],
@@ -41,11 +43,13 @@ SMALL = {
 
 
 def readme_blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    """The fenced blocks of one language in the README and docs/, in that order."""
+    return [block for doc in DOCS for block in re.findall(rf"^```{lang}\n(.*?)^```", doc.read_text(), flags=re.S | re.M)]
 
 
 def command_lines() -> list[str]:
-    """The README's shell lines that run torchtool, continuations joined, comments kept out."""
+    """The shell lines of the README and docs/ that run torchtool, continuations joined, comments kept out,
+    each once (the README's examples are also on the command pages)."""
     lines = []
     for block in readme_blocks("sh"):
         for line in block.replace("\\\n", " ").splitlines():
@@ -53,7 +57,7 @@ def command_lines() -> list[str]:
             words = code.split()
             if words and (words[0] in ("torchtool", "torchrun") or "| torchtool " in code):
                 lines.append(code)
-    return lines
+    return list(dict.fromkeys(lines))
 
 
 LINES = command_lines()
@@ -224,3 +228,23 @@ def test_the_readme_python_example_runs(workdir):
                            "tuple(pooled.shape))"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "{'relu5_3': (8, 512, 14, 14), 'fc7': (8, 4096)} (8, 262144)"
+
+
+def test_every_link_in_the_readme_and_docs_resolves():
+    """Relative links (and their #anchors) point at files and headings that exist."""
+    def anchors(doc: Path) -> set[str]:
+        heads = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M), flags=re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+    broken = []
+    for doc in DOCS:
+        text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists() or (anchor and dest.is_file() and anchor not in anchors(dest)):
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+    assert len(README.read_text().splitlines()) <= 300  # the README is a map; the pages hold the detail
