@@ -89,10 +89,13 @@ def test_json_flag_is_the_same_report(info):
 
 def test_environment_lists_only_relevant_variables(info, monkeypatch):
     # `info` first: CUDA is initialised before CUDA_VISIBLE_DEVICES changes here.
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    monkeypatch.setenv("MY_UNRELATED_SETTING", "42")
+    import torchtool
+
+    # the environment as the user set it when torchtool started (env-info reports that, not later edits)
+    for name, value in {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"), "OMP_NUM_THREADS": "3",
+                        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "MY_UNRELATED_SETTING": "42"}.items():
+        monkeypatch.setenv(name, value)
+        monkeypatch.setitem(torchtool.STARTUP_ENVIRON, name, value)
     result = invoke("--format", "json")
     environment = json.loads(result.stdout)["environment"]
     assert environment["CUDA_VISIBLE_DEVICES"] == os.environ["CUDA_VISIBLE_DEVICES"]
@@ -298,6 +301,24 @@ def test_nvml_info_reads_the_driver(monkeypatch):
 def test_nvml_info_explains_failures(monkeypatch, fake, error):
     monkeypatch.setitem(sys.modules, "pynvml", fake)  # None makes `import pynvml` raise ImportError
     assert env.nvml_info() == {"driver_version": None, "error": error}
+
+
+def test_ld_library_path_is_reported_as_the_user_set_it(monkeypatch):
+    import torchtool
+
+    monkeypatch.setitem(torchtool.STARTUP_ENVIRON, "LD_LIBRARY_PATH", "/opt/mine/lib")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/mine/lib")
+    import cv2  # noqa: F401  (its import prepends its own folder to LD_LIBRARY_PATH)
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/site-packages/cv2/../../lib64:/opt/mine/lib")  # what cv2 leaves
+    environment = json.loads(invoke("--json").stdout)["environment"]
+    assert environment["LD_LIBRARY_PATH"] == "/opt/mine/lib"
+
+
+def test_the_package_list_includes_triton_and_matplotlib():
+    versions = env.package_versions()
+    assert versions["matplotlib"] == metadata.version("matplotlib")
+    assert "triton" in versions  # None where it is not installed (CPU-only torch)
 
 
 def test_package_versions_use_snake_case_keys():

@@ -17,8 +17,8 @@ ENV_PREFIXES = ("CUDA_", "TORCH_", "PYTORCH_", "NCCL_", "CUBLAS_", "CUDNN_", "NV
 ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KMP_AFFINITY",
              "LD_LIBRARY_PATH", "TORCH_HOME", "XDG_CACHE_HOME", "HIP_VISIBLE_DEVICES",
              "ROCR_VISIBLE_DEVICES", "TORCHTOOL_DEBUG")
-PACKAGES = ("torch", "torchvision", "numpy", "pillow", "opencv-python-headless", "opencv-python",
-            "scikit-learn", "typer", "tqdm", "safetensors", "nvidia-ml-py")
+PACKAGES = ("torch", "torchvision", "triton", "numpy", "pillow", "opencv-python-headless", "opencv-python",
+            "scikit-learn", "matplotlib", "typer", "tqdm", "safetensors", "nvidia-ml-py")
 
 REQUIREMENTS = ("cuda", "cudnn", "mps", "xpu")
 
@@ -57,8 +57,11 @@ def run_versions() -> dict[str, str]:
 
 
 def environment_variables() -> dict[str, str]:
-    """The variables that change PyTorch's behaviour, as set now."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+    """The variables that change PyTorch's behaviour, as the user set them (not as a library's import
+    changed them since: OpenCV prepends its own folder to LD_LIBRARY_PATH)."""
+    from torchtool import STARTUP_ENVIRON
+
+    return {k: v for k, v in sorted(STARTUP_ENVIRON.items()) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
 
 
 def cpu_model() -> str:
