@@ -191,6 +191,15 @@ def test_no_driver_is_one_line_and_no_torch(run_python):
     assert "Traceback" not in proc.stderr
 
 
+def test_no_driver_with_json_still_prints_a_json_object(run_torchtool):
+    proc = run_torchtool("gpu-reset", "--dry-run", "--json", env={gpu.STANDIN_ENV: ""})
+    if proc.returncode == 0:
+        pytest.skip("this machine has an NVIDIA driver")
+    assert proc.returncode == 1 and proc.stderr.startswith("torchtool: error: no NVIDIA driver")
+    report = json.loads(proc.stdout)
+    assert report["processes"] == [] and report["gpus"] is None and "no NVIDIA driver" in report["error"]
+
+
 def test_unknown_gpu_and_all_users_without_root(tmp_path, run_torchtool):
     env = standin(tmp_path, [{"processes": []}])
     proc, _ = _run(run_torchtool, env, "--gpu", "3", "--dry-run")

@@ -36,7 +36,12 @@ def run(
     from torchtool.core.gpu import execute, plan
 
     fmt = output.pick_format(format, json_)
-    p = plan(gpu, all_users, include_control, timeout)
+    try:
+        p = plan(gpu, all_users, include_control, timeout)
+    except output.Failure as exc:  # no driver: a script reading --json still gets an object to parse
+        if fmt == "json":
+            output.emit({"processes": [], "gpus": None, "error": exc.message}, fmt)
+        raise
     targets = [h for h in p.holders if h.action == "end"]
     act = not dry_run and (targets or reset)
     if act and not yes:
