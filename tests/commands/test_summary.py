@@ -94,10 +94,15 @@ def test_a_checkpoint_knows_its_model_and_input_size(tmp_path):
     model = torchvision.models.resnet18(num_classes=7)
     ckpt = save_checkpoint(tmp_path / "best.pth", {
         "arch": "resnet18", "classes": [str(i) for i in range(7)], "model": model.state_dict(),
-        "preprocess": {"crop_size": 64, "resize_size": 73, "mean": [0.5] * 3, "std": [0.5] * 3}, "config": {}})
-    report = json.loads(invoke(ckpt, "--json").stdout)
+        "preprocess": {"crop_size": 32, "resize_size": 36, "mean": [0.5] * 3, "std": [0.5] * 3}, "config": {}})
+    result = invoke(ckpt, "--json")
+    report = json.loads(result.stdout)
     assert report["total_params"] == sum(p.numel() for p in model.parameters())
-    assert report["input_size"] == [[3, 64, 64]] and report["output_shape"] == [1, 7]
+    # at 32 px layer4's BatchNorm sees one value per channel, which training refuses at the default batch of 1:
+    # the training memory is measured at 2, and said so
+    assert report["forward_backward_batch_size"] == 2 and report["forward_backward_bytes"] > 0
+    assert "forward+backward memory is for a batch of 2" in result.stderr
+    assert report["input_size"] == [[3, 32, 32]] and report["output_shape"] == [1, 7]
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     bare = invoke(tmp_path / "bare.pth")
     assert bare.exit_code == 2 and "does not say which architecture" in bare.stderr
@@ -221,3 +226,70 @@ def test_mistakes_are_one_line(tmp_path, monkeypatch, args, message):
     assert message in result.stderr, result.stderr
     assert result.stderr.startswith("torchtool: error: ") and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+CHATTY = textwrap.dedent("""
+    import os
+    import sys
+    import torch.nn as nn
+
+    print("importing chatty")
+    os.write(1, b"a C library writes to file descriptor 1\\n")
+
+    def model():
+        print("building", file=sys.stdout)
+        return nn.Linear(4, 2)
+
+    def leaves():
+        sys.exit("no GPU here, giving up")
+
+    def leaves_quietly():
+        sys.exit(3)
+""")
+
+
+def test_what_user_code_prints_goes_to_stderr_and_json_stays_clean(tmp_path, run_torchtool):
+    (tmp_path / "chatty.py").write_text(CHATTY)
+    proc = run_torchtool("summary", str(tmp_path / "chatty.py") + ":model", "--input-size", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["total_params"] == 10  # nothing else on stdout
+    for said in ("importing chatty", "a C library writes to file descriptor 1", "building"):
+        assert said in proc.stderr
+    result = invoke(str(tmp_path / "chatty.py") + ":model", "--input-size", "4", "--json")  # in this process
+    assert json.loads(result.stdout)["total_params"] == 10 and "building" in result.stderr
+
+
+@pytest.mark.parametrize("factory, line", [
+    ("leaves", "building {}:leaves called sys.exit(1): no GPU here, giving up"),
+    ("leaves_quietly", "building {}:leaves_quietly called sys.exit(3)"),
+])
+def test_a_factory_that_exits_is_reported_in_one_line(tmp_path, factory, line):
+    (tmp_path / "chatty.py").write_text(CHATTY)
+    spec = str(tmp_path / "chatty.py")
+    result = invoke(f"{spec}:{factory}", "--input-size", "4", "--json")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "torchtool: error: " + line.format(spec) + "\n" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_module_that_exits_on_import_is_reported(tmp_path):
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(2)\n")
+    result = invoke(str(tmp_path / "quits.py") + ":f")
+    assert result.exit_code == 1 and "importing " + str(tmp_path / "quits.py") + " called sys.exit(2)" in result.stderr
+
+
+def test_graph_outputs_are_checked_before_the_model_is_built(tmp_path, monkeypatch):
+    (tmp_path / "marked.py").write_text(textwrap.dedent(f"""
+        import torch.nn as nn
+
+        def model():
+            open({str(tmp_path / "built")!r}, "w").close()
+            return nn.Linear(4, 2)
+    """))
+    spec = str(tmp_path / "marked.py") + ":model"
+    (tmp_path / "g.dot").write_text("mine")
+    taken = invoke(spec, "--input-size", "4", "--graph", tmp_path / "g.dot")
+    assert taken.exit_code == 2 and "already exists" in taken.stderr
+    monkeypatch.setattr("torchtool.core.inspect.graph.shutil.which", lambda name: None)
+    fallback = invoke(spec, "--input-size", "4", "--graph", tmp_path / "g.svg")  # without dot, g.dot is written
+    assert fallback.exit_code == 2 and f"{tmp_path / 'g.dot'} already exists" in fallback.stderr
+    assert not (tmp_path / "built").exists() and (tmp_path / "g.dot").read_text() == "mine"
