@@ -284,3 +284,32 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(torchtool_exe):
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; '{torchtool_exe}' env-info --json | true"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def _command_params():
+    from typer.main import get_command
+
+    group = get_command(cli.app)
+    return [(name, sub, param) for name, sub in sorted(group.commands.items()) for param in sub.params]
+
+
+@pytest.mark.parametrize(("command", "param"), [(n, p.name) for n, _, p in _command_params()])
+def test_every_option_and_argument_has_a_description(command, param):
+    (found,) = [p for n, _, p in _command_params() if n == command and p.name == param]
+    assert (found.help or "").strip(), f"torchtool {command}: {found.opts or found.name} has no help text"
+
+
+def test_help_shows_no_raw_python_types_and_one_usage_style():
+    """A flag takes no value (no <bool>); numbers and names read N, X, PATH, DEVICE, not <int range> or <list[str]>;
+    the usage lines spell arguments one way: {REQUIRED}, [OPTIONAL], ... when repeated."""
+    raw = re.compile(r"<(bool|str|int|float|path)( range)?>|<list\[")
+    usage = re.compile(r"^Usage: torchtool [a-z-]+ \[OPTIONS\]( (\{[A-Z_]+\}|\[[A-Z_]+\])(\.\.\.)?)*$")
+    for command in cli.COMMANDS:
+        result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert result.exit_code == 0
+        lines = [line.strip(" │") for line in result.stdout.splitlines()]
+        options = [line for line in lines if line.lstrip("* ").startswith("--")
+                   and not line.lstrip("* ").startswith("--help")]  # --help is Typer's own row
+        assert not [line for line in options if raw.search(line)], (command, [l for l in options if raw.search(l)])
+        (used,) = [line.strip() for line in lines if line.strip().startswith("Usage:")]
+        assert usage.match(re.sub(r"\s+", " ", used)), used

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from torchtool import __version__
+from torchtool.commands._options import humanize
 from torchtool.core.files import write_error
 from torchtool.core.output import EXIT_FAILURE, EXIT_USAGE, TorchtoolError, debug_enabled, error_line
 
@@ -95,7 +96,7 @@ def _guarded(func: Callable[..., Any], resumable: bool = False) -> Callable[...,
 
 
 for _name, _module in COMMANDS.items():
-    _run = importlib.import_module(f"torchtool.commands.{_module}").run
+    _run = humanize(importlib.import_module(f"torchtool.commands.{_module}").run)
     app.command(_name)(_guarded(_run, _name in RESUMABLE))
 
 

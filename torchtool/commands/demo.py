@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from torchtool.commands._options import Overwrite
+from torchtool.commands._options import Quiet
 from torchtool.core import output
 from torchtool.core.files import write_error
 
@@ -17,7 +17,9 @@ def run(
     = Path("torchtool-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Fewer images and epochs: under a minute on 2 CPU cores.")]
     = False,
-    overwrite: Overwrite = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what an earlier demo made in --out (its "
+                                            "manifest lists it); nothing else there is touched.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Show every command working on real data, with no network and no GPU needed.
 
@@ -29,14 +31,14 @@ def run(
     restart = shlex.join(["torchtool", "demo", "--out", str(out), *(["--quick"] if quick else []), "--overwrite"])
     started, step = time.perf_counter(), None
     try:
-        output.info(f"making the demo's inputs in {out} (digits, photo crops, videos) ...")
+        output.info(f"making the demo's inputs in {out} (digits, photo crops, videos) ...", quiet)
         inputs = demo.make_inputs(out, quick)
         seconds = {"inputs": time.perf_counter() - started}
-        output.info("  " + ", ".join(f"{n} {what}" for what, n in inputs.counts.items()))
+        output.info("  " + ", ".join(f"{n} {what}" for what, n in inputs.counts.items()), quiet)
         for step in demo.plan(out, inputs, quick, gpu=_has_gpu()):
             typer.echo(f"\n# {step.why}\n$ {step.line}")
             t0 = time.perf_counter()
-            code = _invoke(step.argv)
+            code = _invoke(step.argv + (["--quiet"] if quiet else []))
             seconds[step.name] = time.perf_counter() - t0
             if code == 130:  # Ctrl-C inside the command: it said "interrupted" itself
                 raise KeyboardInterrupt

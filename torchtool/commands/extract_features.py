@@ -6,7 +6,8 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.commands._options import (
-    DEFAULT_WORKERS, MAX_PIXELS, Amp, Device, FastDecode, Format, InferBatchSize, Json, MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
+    DEFAULT_WORKERS, MAX_PIXELS, MIN_IMAGE_SIZE, Amp, Device, FastDecode, Format, InferBatchSize, Json, MaxPixels, ModelName,
+    OverwriteRun, Quiet, Seed, Strict, Weights, Workers,
 )
 from torchtool.core import output
 
@@ -37,7 +38,7 @@ def run(
     list_layers: Annotated[
         bool, typer.Option("--list-layers", help="Print the layer names the model offers, with shapes, and exit.")
     ] = False,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Crop size (default: the weights').")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=MIN_IMAGE_SIZE, help="Crop size (default: the weights').")] = None,
     resize: Annotated[Optional[int], typer.Option("--resize", min=16, help="Resize the short side to this before cropping.")] = None,
     batch_size: InferBatchSize = None,
     workers: Workers = DEFAULT_WORKERS,
@@ -45,7 +46,7 @@ def run(
     amp: Amp = False,
     fast_decode: FastDecode = False,
     seed: Seed = 0,
-    overwrite: Overwrite = False,
+    overwrite: OverwriteRun = False,
     strict: Strict = False,
     max_pixels: MaxPixels = MAX_PIXELS,
     quiet: Quiet = False,

@@ -1,16 +1,14 @@
 """torchtool finetune: fine-tune a torchvision classifier on an image folder, every recipe a flag."""
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
-from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, TRAIN_BATCH, Amp, BatchSize, Device, FastDecode, Format, Json,
-                                         MaxPixels, ModelName, Overwrite, Quiet, Seed, Strict, Weights, Workers,
-                                         given_options)
+from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, MIN_IMAGE_SIZE, TRAIN_BATCH, Amp, BatchSize, Device,
+                                         FastDecodeTrain, Format, Json, MaxPixels, ModelName, OverwriteRun, Quiet,
+                                         Seed, Strict, Weights, Workers, given_options)
 from torchtool.core import output
 
 Recipe = "Recipes"
@@ -38,7 +36,7 @@ def run(
     epochs: Annotated[int, typer.Option(min=1, help="Epochs to train.")] = 10,
     batch_size: BatchSize = TRAIN_BATCH,
     workers: Workers = DEFAULT_WORKERS,
-    image_size: Annotated[Optional[int], typer.Option(min=8, help="Crop size (default: the weights' own, e.g. 224); "
+    image_size: Annotated[Optional[int], typer.Option(min=MIN_IMAGE_SIZE, help="Crop size (default: the weights' own, e.g. 224); "
                                                       "validation resizes (see --crop-pct), then center-crops.")] = None,
     crop_pct: Annotated[Optional[float], typer.Option(min=0, max=1, metavar="P", help="The share of the resized short "
                                                       "side the center crop keeps (validation, --augment none; stored "
@@ -107,7 +105,7 @@ def run(
                                           "one line says why and training goes on uncompiled).",
                                           rich_help_panel=Run)] = False,
     amp: Amp = False,
-    fast_decode: FastDecode = False,
+    fast_decode: FastDecodeTrain = False,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="Under torchrun on GPUs: BatchNorm statistics over all processes.",
                                           rich_help_panel=Run)] = False,
     device: Device = "auto",
@@ -117,7 +115,7 @@ def run(
                                          rich_help_panel=Run)] = False,
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (a last.pth or best.pth), "
                                                         "writing to --out.", rich_help_panel=Run)] = None,
-    overwrite: Overwrite = False,
+    overwrite: OverwriteRun = False,
     export_weights: Annotated[Optional[Path], typer.Option(metavar="FILE.safetensors", help="Write the best model's "
                                                            "weights here for sharing.", rich_help_panel=Run)] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to OUT/tensorboard.",
