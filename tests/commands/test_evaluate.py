@@ -204,3 +204,162 @@ def test_torchrun_counts_each_image_once(run_python, split_run, tmp_path):
     for key in ("accuracy", "per_class", "confusion_matrix", "top_k"):
         assert r2[key] == r1[key], key
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()  # same rows, input order
+
+
+# --- a plain weights file over small class folders: the checks that need no trained model ----------------
+
+CLASS_FOLDERS = (" 2", "01", "10")  # a leading space, zero-padded, numeric: names, not indices
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(data, weights, nan_weights): 3 class folders of 2 digits each, a 4-output mobilenet_v3_small
+    (random init, so matched by index: the report's classes are ' 2', '01', '10', '3'), and the same
+    weights with a NaN output bias."""
+    import torchvision
+
+    root = tmp_path_factory.mktemp("eval_plain")
+    flat = write_digits(root / "flat", labels=range(3), train_per_class=2, val_per_class=0, layout="flat")
+    data = root / "data"
+    data.mkdir()
+    for digit, name in enumerate(CLASS_FOLDERS):
+        (flat / str(digit)).rename(data / name)
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(weights=None, num_classes=4)
+    torch.save(model.state_dict(), root / "w.pth")
+    state = model.state_dict()
+    state["classifier.3.bias"][1] = float("nan")
+    torch.save(state, root / "nan.pth")
+    return data, root / "w.pth", root / "nan.pth"
+
+
+def plain(weights: Path, data: Path, *args):
+    return invoke("evaluate", "--model", "mobilenet_v3_small", "--weights", weights, "--data", data, *args, *FAST)
+
+
+@pytest.fixture
+def model_calls(monkeypatch) -> list[int]:
+    """Counts the batches THE inference loop runs (evaluate reaches it as infer.run)."""
+    from torchtool.core import infer
+
+    calls: list[int] = []
+    real = infer.run
+
+    def counted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            calls.append(len(batch.indices))
+            yield batch
+
+    monkeypatch.setattr(infer, "run", counted)
+    return calls
+
+
+def test_non_finite_outputs_are_a_failure_not_a_report(plain_model, tmp_path):
+    data, _, nan = plain_model
+    result = plain(nan, data, "--json", "--save-predictions", tmp_path / "p.csv")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[0] == ("torchtool: error: the model's outputs are not finite (NaN or Inf) "
+                                             "for 6 of 6 images: no report")
+    assert "Warning" not in result.stderr and len(result.stderr.splitlines()) == 2  # the line and its hint
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_saved_predictions_give_the_same_report_with_awkward_class_names(plain_model, tmp_path):
+    data, weights, _ = plain_model
+    first = plain(weights, data, "--json", "--csv", tmp_path / "a.csv", "--save-predictions", tmp_path / "p.csv")
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert report["class_names"] == [" 2", "01", "10", "3"] and report["images"] == 6
+    again = invoke("evaluate", "--predictions", tmp_path / "p.csv", "--json", "--csv", tmp_path / "b.csv")
+    assert again.exit_code == 0 and again.stderr == "", again.output
+    assert (tmp_path / "b.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+    back = json.loads(again.stdout)
+    for key in ("class_names", "accuracy", "balanced_accuracy", "ece", "averages", "per_class", "confusion_matrix"):
+        assert back[key] == report[key], key
+    # Excel's "CSV UTF-8" (a BOM first) on stdin reads the same
+    piped = runner.invoke(app, ["evaluate", "--predictions", "-", "--format", "csv"],
+                          input=b"\xef\xbb\xbf" + (tmp_path / "p.csv").read_bytes())
+    assert piped.exit_code == 0 and piped.stdout == (tmp_path / "a.csv").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--confusion-csv", "--plot", "--save-predictions"])
+def test_every_output_is_checked_before_any_image_is_read(plain_model, tmp_path, model_calls, flag):
+    data, weights, _ = plain_model
+    name = "report.png" if flag == "--plot" else "report.csv"
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    for where, code in ((Path("/proc") / name, 1),  # no file can be made there, root or not
+                        (tmp_path / "afile" / name, 2),
+                        (tmp_path / ("n" * 300 + name), 2)):  # longer than NAME_MAX
+        result = plain(weights, data, flag, where)
+        assert result.exit_code == code and flag in result.stderr, result.output
+        assert result.stderr.startswith("torchtool: error:") and "Traceback" not in result.stderr
+        assert model_calls == [], f"{where}: the images were run before the output was refused"
+    ok = plain(weights, data, flag, tmp_path / name)  # and the spy does see a run
+    assert ok.exit_code == 0 and sum(model_calls) == 6
+
+
+@pytest.mark.parametrize("topk", ["", "a,b", ",", "1,x"])
+def test_a_bad_topk_is_a_usage_error_before_the_run(plain_model, model_calls, topk):
+    data, weights, _ = plain_model
+    result = plain(weights, data, "--topk", topk)
+    assert result.exit_code == 2 and model_calls == []
+    assert result.stderr.splitlines()[0] == f"torchtool: error: --topk {topk!r}: expected comma-separated " \
+                                            "integers such as 1,5"
+
+
+def test_links_into_other_classes_are_not_followed(plain_model, tmp_path):
+    data, weights, _ = plain_model
+    linked = tmp_path / "linked"
+    shutil.copytree(data, linked)
+    (linked / "01" / "other").symlink_to(linked / "10", target_is_directory=True)  # into another class
+    (linked / "01" / "root").symlink_to(linked, target_is_directory=True)  # back to the root
+    one = next((linked / "10").iterdir())
+    (linked / "01" / "stolen.png").symlink_to(one)  # another class's image
+    outside = tmp_path / "pool"
+    outside.mkdir()
+    shutil.copy(one, outside / "pooled.png")
+    (linked / " 2" / "pool").symlink_to(outside, target_is_directory=True)  # outside the root: followed
+    result = plain(weights, linked, "--json", "--save-predictions", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [c["support"] for c in report["per_class"]] == [3, 2, 2, 0]
+    rows = list(csv.DictReader((tmp_path / "p.csv").open(encoding="utf-8")))
+    assert sorted(Path(r["path"]).relative_to(linked).as_posix() for r in rows if r["label"] == "01") == \
+        sorted(f"01/{p.name}" for p in (data / "01").iterdir())
+
+
+def _awkward_predictions(path: Path) -> Path:
+    """A prediction file whose class names break matplotlib's text: a non-UTF-8 byte, mathtext."""
+    path.write_bytes(b"label,prediction,score\nlatin\xe9,b$x$,0.5\nb$x$,b$x$,0.75\n$\\frac$,b$x$,0.25\n")
+    return path
+
+
+def test_the_plot_never_costs_the_report(tmp_path, monkeypatch):
+    source = _awkward_predictions(tmp_path / "in.csv")
+    outs = ["--plot", tmp_path / "cm.png", "--save-predictions", tmp_path / "p.csv", "--csv", tmp_path / "r.csv"]
+    drawn = invoke("evaluate", "--predictions", source, *outs, "--json")
+    assert drawn.exit_code == 0 and drawn.stderr == "", drawn.output
+    assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG" and json.loads(drawn.stdout)["images"] == 3
+
+    from torchtool.core.evaluate import run
+
+    def broken(report, path):
+        raise RuntimeError("matplotlib gave up\nline two of its message")
+
+    monkeypatch.setattr(run, "plot_confusion", broken)
+    for f in (tmp_path / "cm.png", tmp_path / "p.csv", tmp_path / "r.csv"):
+        f.unlink()
+    failed = invoke("evaluate", "--predictions", source, *outs, "--json")
+    assert failed.exit_code == 1
+    assert json.loads(failed.stdout)["accuracy"] == pytest.approx(1 / 3)  # the report, whole, on stdout
+    assert (tmp_path / "p.csv").exists() and (tmp_path / "r.csv").exists() and not (tmp_path / "cm.png").exists()
+    assert failed.stderr.splitlines()[0] == (f"torchtool: error: could not draw --plot {tmp_path / 'cm.png'}: "
+                                             "RuntimeError: matplotlib gave up")
+
+
+def test_one_class_and_nan_scores_are_said_in_our_words(run_torchtool, tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("label,prediction,score\ncat,cat,0.9\ncat,cat,nan\n")
+    result = run_torchtool("evaluate", "--predictions", str(path), "--json")  # a real process: its whole stderr
+    assert result.returncode == 0 and json.loads(result.stdout)["ece"] is None
+    assert result.stderr == f"torchtool: 1 of 2 scores in {path} are NaN: the report has no ece\n"

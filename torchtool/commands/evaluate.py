@@ -16,9 +16,12 @@ File = Annotated[Optional[Path], typer.Option(metavar="FILE", show_default=False
 
 def _topk(value: str) -> list[int]:
     try:
-        return [int(k) for k in value.split(",") if k.strip()]
+        ks = [int(k) for k in value.split(",") if k.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{value!r}: expected comma-separated integers such as 1,5") from None
+        ks = []
+    if not ks:
+        raise output.UsageError(f"--topk {value!r}: expected comma-separated integers such as 1,5")
+    return ks
 
 
 def run(
@@ -56,7 +59,7 @@ def run(
 ) -> None:
     """Per-class precision, recall and F1, the most-confused classes, top-k accuracy and calibration.
 
-    `torchtool evaluate run/best.pth --csv report.csv` needs nothing else: the checkpoint knows its model, classes, preprocessing and validation images. --csv writes class,label,support,precision,recall,f1,confused_1..5 (then All and Macro rows); --confusion-csv the counts; --plot a heatmap; --save-predictions path,label,prediction,score per image, which --predictions reads back.
+    `torchtool evaluate run/best.pth --csv report.csv` needs nothing else: the checkpoint knows its model, classes, preprocessing and validation images. --csv writes class,label,support,precision,recall,f1,confused_1..5 (then All and Macro rows); --confusion-csv the counts; --plot a heatmap; --save-predictions path,label,prediction,score,classes per image (classes: the class names, once), which --predictions reads back to the same report.
 
     Unreadable images are skipped, listed, and end the run with exit code 3 (--strict: the first one fails it).
     """
@@ -79,6 +82,9 @@ def run(
         output.emit(rows, fmt)
         if fmt in ("table", "markdown"):
             output.emit(summary_lines(report) | {"skipped": len(report["skipped"])}, fmt)
+    if report.get("output_errors"):  # said after the report, which is whole
+        raise output.Failure("; ".join(report["output_errors"].values()),
+                             hint="the report and every other output were written")
     if report["skipped"]:
         raise typer.Exit(output.EXIT_PARTIAL)
 

@@ -1,9 +1,9 @@
 """Class folders (``root/<class>/...``) and their train/validation splits, checked before any work.
 
 Class names come from torchvision's ``find_classes``; files are walked with our own
-symlink-cycle guard (:func:`~torchtool.core.data.images.walk_images`; torchvision's
-``make_dataset`` follows a cycle until the path is too long). ``--val-split`` is
-scikit-learn's stratified ``train_test_split``.
+symlink-cycle guard (torchvision's ``make_dataset`` follows a cycle until the path is too
+long) and a symbolic link into another class folder (or back to the root) is not followed.
+``--val-split`` is scikit-learn's stratified ``train_test_split``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchtool.core.data.images import IMAGE_EXTENSIONS, walk_images
+from torchtool.core.data.images import IMAGE_EXTENSIONS, is_image_name
 from torchtool.core.output import UsageError
 
 LAYOUT_HINT = "expected DATA/train/<class>/... and DATA/val/<class>/..., or DATA/<class>/... with --val-split 0.2"
@@ -53,7 +53,10 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
     """An ImageFolder tree ``root/<class>/...``: (paths, targets, sorted class names).
 
     Hidden folders (``.ipynb_checkpoints``...) are no classes. Class folders with no image
-    files are kept in ``classes`` so callers can report them.
+    files are kept in ``classes`` so callers can report them. Each class folder is walked as
+    :func:`~torchtool.core.data.images.walk_images` walks (sorted, symbolic links followed, a
+    cycle once), except that a link (to a folder or a file) that leads into another class
+    folder, or to the root or above it, is not followed: no image is counted in two classes.
     """
     from torchvision.datasets.folder import find_classes
 
@@ -64,13 +67,76 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], l
         classes = [c for c in find_classes(str(root))[0] if not c.startswith(".")]
     except FileNotFoundError:  # find_classes' word for "no class folders"
         classes = []
+    real = [os.path.realpath(root / name) for name in classes]
+    above: set[str] = set()  # the root, every class folder and every folder holding them
+    for folder in [os.path.realpath(root), *real]:
+        while folder not in above:
+            above.add(folder)
+            folder = os.path.dirname(folder)
     paths: list[Path] = []
     targets: list[int] = []
     for idx, name in enumerate(classes):
-        files = walk_images(root / name)
+        files = _class_files(root / name, real[idx], set(real), above)
         paths.extend(files)
         targets.extend([idx] * len(files))
     return paths, targets, classes
+
+
+def _class_files(top: Path, own: str, fences: set[str], above: set[str]) -> list[Path]:
+    """The image files of one class folder ``top`` (real path ``own``), in walk_images' order, without
+    following a link into another of ``fences`` or onto a folder in ``above`` (the root, its ancestors)."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    real_dirs: dict[str, str] = {}
+
+    def foreign(link: str, is_dir: bool) -> bool:
+        if is_dir:  # few: resolved fully
+            target = os.path.realpath(link)
+        else:  # many, in datasets made of links: one readlink, the folder resolved once
+            folder, name = os.path.split(os.path.join(os.path.dirname(link), os.readlink(link)))
+            if folder not in real_dirs:
+                real_dirs[folder] = os.path.realpath(folder)
+            target = os.path.join(real_dirs[folder], name)
+            if os.path.islink(target):  # a chain of links
+                target = os.path.realpath(target)
+        if target in above and target != own:
+            return True
+        while True:  # the nearest class folder holding the target decides
+            if target in fences:
+                return target != own
+            parent = os.path.dirname(target)
+            if parent == target:
+                return False
+            target = parent
+
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:  # unreadable: skipped, as os.walk does
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files, dirs = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if entry.is_symlink() and (is_dir or is_image_name(entry.name)):
+                try:
+                    if foreign(entry.path, is_dir):
+                        continue
+                except OSError:  # a link that cannot be read: kept, and reported as unreadable if an image
+                    pass
+            (dirs if is_dir else files).append(entry.name)
+        found.extend(folder / f for f in sorted(files) if is_image_name(f))
+        stack.extend(folder / d for d in sorted(dirs, reverse=True))
+    return found
 
 
 def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -26,7 +26,9 @@ from torchtool.core.evaluate.report import Predictions, build_report, confusion_
 from torchtool.core.files import atomic_write_text, check_writable
 from torchtool.core.models.build import build_model, choose_weights
 from torchtool.core.models.fuse import fold_batchnorm
-from torchtool.core.output import Failure, UsageError, info, progress, warn
+from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line, info, progress, warn
+
+OUTPUTS = {"csv": "--csv", "confusion_csv": "--confusion-csv", "plot": "--plot", "predictions": "--save-predictions"}
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Images:
 
 
 def _outputs(cfg: EvalConfig) -> dict[str, Path]:
+    """Every output checked before any image is read: a run must not end in a file it cannot write."""
     outs = {k: Path(v).expanduser() for k, v in (("csv", cfg.csv), ("confusion_csv", cfg.confusion_csv),
                                                    ("plot", cfg.plot), ("predictions", cfg.save_predictions)) if v}
     if "plot" in outs and outs["plot"].suffix.lower() != ".png":
@@ -74,8 +77,8 @@ def _outputs(cfg: EvalConfig) -> dict[str, Path]:
     if len(set(outs.values())) < len(outs):
         raise UsageError("two outputs are the same file", hint="give --csv, --confusion-csv, --plot and "
                          "--save-predictions different paths")
-    for path in outs.values():
-        check_writable(path, cfg.overwrite)
+    for key, path in outs.items():
+        check_writable(path, cfg.overwrite, what=OUTPUTS[key])
         if not path.parent.is_dir():
             raise UsageError(f"no such directory for {path}", hint="create the folder first")
     return outs
@@ -103,6 +106,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.predictions is not None:
         classes = read_class_names(cfg.classes) if cfg.classes else None
         preds = read_predictions(cfg.predictions, classes)
+        unknown = 0 if preds.scores is None else int(np.isnan(preds.scores).sum())
+        if unknown:
+            warn(f"{unknown} of {len(preds.labels)} scores in {cfg.predictions} are NaN: the report has no ece")
         report = {**build_report(preds), "source": {"predictions": cfg.predictions}, "skipped": []}
         _write(report, preds, outs)
         return report
@@ -208,10 +214,11 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
         for batch in infer.run(model, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait):
             if batch.outputs is None:
                 continue
-            probs = batch.outputs.float().softmax(dim=1)
-            top = probs.topk(max(ks), dim=1)
+            logits = batch.outputs.float()
+            top = logits.softmax(dim=1).topk(max(ks), dim=1)
             parts.append((mine[batch.indices[batch.good].numpy()], batch.targets.cpu().numpy(),
-                          top.indices.cpu().numpy(), top.values[:, 0].cpu().numpy()))
+                          top.indices.cpu().numpy(), top.values[:, 0].cpu().numpy(),
+                          torch.isfinite(logits).all(dim=1).cpu().numpy()))
 
     # 3. every process's rows, in input order; rank 0 reports and writes
     gathered = dist.all_gather((parts, {int(mine[i]): e for i, e in bad.errors.items()}))
@@ -221,7 +228,12 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
     if not rows:
         raise Failure(f"none of the {len(images.paths)} images could be read",
                       hint=f"the first: {skipped[0]['path']}: {skipped[0]['error']}")
-    index, labels, top_idx, conf = (np.concatenate(col) for col in zip(*rows))
+    index, labels, top_idx, conf, finite = (np.concatenate(col) for col in zip(*rows))
+    if not finite.all():  # NaN logits "predict" class 0 with a NaN score: no report beats a wrong one
+        hint = ("float16 may overflow: try without --amp" if cfg.amp else
+                "the weights may hold NaN/Inf (a training run that diverged?)")
+        raise Failure(f"the model's outputs are not finite (NaN or Inf) for {int((~finite).sum())} of "
+                      f"{len(finite)} images: no report", hint=hint)
     order = np.argsort(index, kind="stable")
     index, labels, top_idx, conf = index[order], labels[order], top_idx[order], conf[order]
     # scores as written to --save-predictions, so a --predictions run of that file gives this very report
@@ -246,12 +258,23 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
 
 
 def _write(report: dict[str, Any], preds: Predictions, outs: dict[str, Path]) -> None:
+    """The files, the picture last: matplotlib failing on a class name must not cost the others.
+
+    A picture that cannot be made is said in ``report["output_errors"]`` (the command fails with it
+    after printing the report); notes about it are warned.
+    """
     if "csv" in outs:
         atomic_write_text(outs["csv"], report_csv(report), errors="surrogateescape")
     if "confusion_csv" in outs:
         atomic_write_text(outs["confusion_csv"], confusion_csv(report), errors="surrogateescape")
-    if "plot" in outs:
-        plot_confusion(report, outs["plot"])
     if "predictions" in outs:
         write_predictions(outs["predictions"], preds)
-    report["files"] = {k: str(v) for k, v in outs.items()}
+    report["output_errors"] = {}
+    if "plot" in outs:
+        try:
+            for note in plot_confusion(report, outs["plot"]):
+                warn(note)
+        except Exception as exc:  # noqa: BLE001 - whatever matplotlib raises, the report is kept
+            why = exc.message if isinstance(exc, TorchtoolError) else first_line(exc)
+            report["output_errors"]["plot"] = f"could not draw --plot {outs['plot']}: {why}"
+    report["files"] = {k: str(v) for k, v in outs.items() if k not in report["output_errors"]}
