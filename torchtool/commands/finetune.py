@@ -150,6 +150,23 @@ def run(
         fast_decode=fast_decode, sync_bn=sync_bn, device=device, strict=strict, max_pixels=max_pixels)
     summary = fit(cfg, resume=resume, resume_from=str(resume_from) if resume_from else None, overwrite=overwrite, quiet=quiet, tensorboard=tensorboard,
                   export=str(export_weights) if export_weights else None, given=given_options(ctx), argv=sys.argv)
-    output.emit(summary, fmt)
+    output.emit(_shown(summary, relative=not out.is_absolute(), table=fmt in ("table", "markdown")), fmt)
     if summary["skipped_images"]:
         raise typer.Exit(output.EXIT_PARTIAL)
+
+
+def _shown(summary: dict, relative: bool, table: bool) -> dict:
+    """The summary as printed: paths as the user gave --out (relative stays relative, as extract-features
+    prints them); in a table, rows without a value (no --export-weights, nothing skipped) left out."""
+    import os
+
+    def path(value):
+        if isinstance(value, list):
+            return [path(v) for v in value]
+        return os.path.relpath(value) if relative and isinstance(value, str) and os.path.isabs(value) else value
+
+    shown = {k: path(v) if k in PATH_KEYS else v for k, v in summary.items()}
+    return {k: v for k, v in shown.items() if not (table and v in (None, [], ""))} if table else shown
+
+
+PATH_KEYS = ("out", "best", "kept", "last", "config", "metrics", "curves", "export", "tensorboard")

@@ -34,8 +34,9 @@ class RunLog:
     """
 
     def __init__(self, out: Path, history: Sequence[Mapping[str, Any]], epochs: int, *, ema: bool = False,
-                 tensorboard: bool = False, quiet: bool = False):
+                 tensorboard: bool = False, quiet: bool = False, top_k: int = 5):
         self.out, self.epochs, self.quiet = out, epochs, quiet
+        self.top = f"top{top_k}"  # val_top5 counts the top min(5, classes): the line names what it counted
         self.columns = COLUMNS[:6] + EMA_COLUMNS + COLUMNS[6:] if ema else COLUMNS
         self.history = [dict(row) for row in history]
         self.csv_path, self.curves_path = out / "metrics.csv", out / "curves.png"
@@ -65,10 +66,11 @@ class RunLog:
                 self.tb.add_scalar(key[::-1].replace("_", "/", 1)[::-1], row[key], row["epoch"])
             self.tb.flush()
         if not self.quiet:
-            ema = (f"  ema loss {row['ema_val_loss']:.4f} acc {row['ema_val_acc']:.4f} top5 {row['ema_val_top5']:.4f}"
+            ema = (f"  ema loss {row['ema_val_loss']:.4f} acc {row['ema_val_acc']:.4f} {self.top} "
+                   f"{row['ema_val_top5']:.4f}"
                    if "ema_val_acc" in row else "")
             warn(f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} top5 {row['val_top5']:.4f}{ema}  "
+                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} {self.top} {row['val_top5']:.4f}{ema}  "
                  f"lr {row['lr']:.3g}  {row['seconds']:.1f}s")
 
     def close(self) -> None:

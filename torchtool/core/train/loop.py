@@ -52,7 +52,8 @@ def _loop(cfg: TrainConfig, run: Run, dist: Dist, *, quiet: bool, argv: list[str
     log = None
     if dist.is_main:
         state.write_run_config(run, argv, start)
-        log = RunLog(run.out, history, cfg.epochs, ema=step.ema is not None, tensorboard=run.tensorboard, quiet=quiet)
+        log = RunLog(run.out, history, cfg.epochs, ema=step.ema is not None, tensorboard=run.tensorboard, quiet=quiet,
+                     top_k=min(5, len(run.splits.classes)))
     stopped_early, done, began = False, start, time.perf_counter()
 
     # --- the loop: train, validate, schedule, checkpoint, log ---
@@ -142,6 +143,7 @@ def finish(run: Run, dist: Dist, bad: tuple[BadInputs, BadInputs], *, best: stat
             "val_images": len(run.splits.val_paths), "epochs": epochs_done, "best_epoch": best.epoch,
             "best_val_acc": best.metric,
             "best_val_top5": row.get("ema_val_top5" if source == "ema" else "val_top5") if row else None,
+            "top_k": min(5, len(run.splits.classes)),  # what best_val_top5 counted: the top min(5, classes)
             "best_weights": source,
             "stopped_early": stopped_early, "skipped_images": len(listed),
             "out": str(run.out), "best": str(best_path),

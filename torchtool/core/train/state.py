@@ -1,8 +1,8 @@
 """A finetune run on disk: checkpoints, and resuming one (settings, optimizer, schedule, random state).
 
 Checkpoints are plain dicts of tensors and plain types (``torch.load(weights_only=True)``
-reads them) written atomically to OUT/last.pth every epoch; OUT/best.pth is a hard link
-to (or a copy of) the epoch's last.pth when validation accuracy improves. Keys: arch,
+reads them) written atomically to OUT/last.pth every epoch; OUT/best.pth is the epoch's
+checkpoint without the optimizer state, when validation accuracy improves. Keys: arch,
 classes, model, preprocess, config, epoch (epochs finished), best_metric, best_epoch,
 optimizer, scheduler, scaler, rng (one entry per process), val_dir, val_files, image_files (both
 splits' files, so --resume can tell when the data changed), history.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -101,8 +100,11 @@ def load_resume(out: Path, resume_from: str | None, quiet: bool = False) -> dict
         info(f"no checkpoint in {out} yet: starting a new run (next time, leave out --resume to start one)", quiet)
         return None
     state = load_checkpoint(path)
-    if not is_torchtool_checkpoint(state) or "optimizer" not in state:
+    if not is_torchtool_checkpoint(state) or not {"config", "epoch", "history", "rng"} <= state.keys():
         raise UsageError(f"{path} is not a finetune checkpoint", hint="resume from OUT/last.pth or OUT/best.pth")
+    if "optimizer" not in state:
+        warn(f"{path} holds no optimizer state (best checkpoints leave it out): the optimizer starts afresh from "
+             "its weights; OUT/last.pth continues exactly")
     return state
 
 
@@ -142,7 +144,8 @@ def restore(checkpoint: dict[str, Any] | None, cfg: TrainConfig, step: Step, sch
         return schedule, 0, Best(cfg.keep_best), []
     fresh = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in step.optimizer.param_groups]
     try:  # after the schedulers were built: building them rewrites the learning rates this restores
-        step.optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:  # a best.pth has none: the optimizer starts afresh (load_resume said so)
+            step.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as exc:
         raise UsageError(f"the checkpoint's optimizer state does not fit this run ({exc})",
                          hint="resume with the same --freeze-backbone/--decay-all/--optimizer") from None
@@ -189,20 +192,18 @@ def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epo
              "image_files": run.image_files, "history": history}
     if step.ema is not None:
         state["ema"] = step.ema.state_dict()
-    last = save_checkpoint(run.out / "last.pth", state)
+    save_checkpoint(run.out / "last.pth", state)
     for stale in best.files(run.out)[best.keep:]:  # --keep-best lowered on --resume
         stale.unlink(missing_ok=True)
     if at is None:
         return
+    # the ranked checkpoints hold weights to use, not a run to continue: no optimizer state (as large
+    # as the weights again with SGD momentum, twice that with AdamW) and no second copy for the EMA
+    kept = {k: v for k, v in state.items() if k not in ("optimizer", "scaler", "ema")}
+    if source == "ema":  # the average did better: that checkpoint holds the average's weights
+        kept.update(model=step.ema.module.state_dict(), weights_from="ema")
     with atomic_path(Best.path(run.out, at)) as tmp:
-        if source == "ema":  # the average did better: that checkpoint holds the average's weights
-            save_checkpoint(tmp, {**state, "model": step.ema.module.state_dict(), "weights_from": "ema"})
-        else:
-            tmp.unlink()
-            try:  # the bytes are already on disk: a hard link costs nothing
-                os.link(last, tmp)
-            except OSError:
-                shutil.copyfile(last, tmp)
+        save_checkpoint(tmp, kept)
         for rank in range(len(best.ranked) - 1, at, -1):  # the ones it beat move down a place
             if Best.path(run.out, rank - 1).exists():
                 os.replace(Best.path(run.out, rank - 1), Best.path(run.out, rank))
