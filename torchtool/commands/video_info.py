@@ -13,7 +13,7 @@ from torchtool.core.video.tsn import MAX_SEGMENTS
 
 def run(
     paths: Annotated[Optional[list[str]], typer.Argument(
-        metavar="PATH...", show_default=False, help="Video files, folders (searched recursively), or - for paths "
+        show_default=False, help="Video files, folders (searched recursively), or - for paths "
         "on stdin.")] = None,
     list_file: Annotated[Optional[Path], typer.Option(
         "--list", metavar="FILE", show_default=False, help="A file of video paths, one per line.")] = None,
