@@ -77,8 +77,10 @@ BASH_COMPLETE_ENV = {"_TORCHTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "torc
         (["env-info", "--help"], {}, "--require"),
         ([], BASH_COMPLETE_ENV, "env-info"),
         ([], {"_TORCHTOOL_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "torchtool env-info --re"}, "--require"),
+        ([], {"_TORCHTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "torchtool finetune d --model resn",
+              "COMP_CWORD": "4"}, "resnet18"),
     ],
-    ids=["help", "env-info-help", "complete-bash", "complete-zsh"],
+    ids=["help", "env-info-help", "complete-bash", "complete-zsh", "complete-model"],
 )
 def test_startup_imports_only_the_allowed_modules(run_python, args, env, expected):
     proc = run_python("-c", PROBE, *args, env=env)
@@ -106,6 +108,25 @@ def test_bash_completion_of_options(run_torchtool):
     env = {"_TORCHTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "torchtool env-info --mi", "COMP_CWORD": "2"}
     proc = run_torchtool(env=env)
     assert proc.stdout.split() == ["--min-gpus"]
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ("torchtool extract-features --model vgg1", ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
+                                                 "vgg19", "vgg19_bn"]),
+    ("torchtool evaluate --device cu", ["cuda", "cuda:0", "cuda:1"]),
+    ("torchtool profile resnet18 --tips f", ["fp16", "fold_bn"]),
+    ("torchtool profile resnet18 --tips bf16,channels_last,f", ["bf16,channels_last,fp16", "bf16,channels_last,fold_bn"]),
+])
+def test_completion_of_models_devices_and_tips(run_torchtool, words, expected):
+    env = {"_TORCHTOOL_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+    proc = run_torchtool(env=env)
+    assert proc.stdout.split() == expected, proc.stderr
+
+
+def test_the_completion_model_list_is_torchvisions():
+    from torchtool.core.models.names import KNOWN_MODELS, classification_models
+
+    assert sorted(KNOWN_MODELS) == sorted(classification_models()), "update KNOWN_MODELS for this torchvision"
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])

@@ -9,9 +9,21 @@ from torchtool.core.runtime import DEFAULT_WORKERS, INFER_BATCH, MAX_BATCH, TRAI
 
 __all__ = ["DEFAULT_WORKERS", "INFER_BATCH", "MAX_PIXELS", "TRAIN_BATCH", "given_options"]
 
-Device = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when available).")
-]
+def _complete(choices):
+    """A tab-completion callback offering ``choices()`` that start with what was typed (nothing heavy imported)."""
+    return lambda incomplete: [c for c in choices() if c.startswith(incomplete)]
+
+
+def _model_names() -> tuple[str, ...]:
+    from torchtool.core.models.names import KNOWN_MODELS
+
+    return KNOWN_MODELS
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps")
+Device = Annotated[str, typer.Option(
+    "--device", autocompletion=_complete(lambda: DEVICES),
+    help="auto, cpu, cuda, cuda:N or mps (auto: CUDA when available).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH, help="Images per batch.")]
 InferBatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", "-b", min=1, max=MAX_BATCH, show_default=False,
@@ -48,8 +60,8 @@ Weights = Annotated[
                  "IMAGENET1K_V1, none (random init), or a local .pth/.pt/.safetensors file or torchtool checkpoint."),
 ]
 ModelName = Annotated[Optional[str], typer.Option(
-    "--model", "-m", show_default=False, help="A torchvision classification model, e.g. resnet18, vgg16 (a torchtool "
-    "checkpoint given as --weights names its own).")]
+    "--model", "-m", show_default=False, autocompletion=_complete(_model_names), help="A torchvision classification model, e.g. resnet18, vgg16 (default: "
+    "the one a torchtool checkpoint names, else resnet18).")]
 
 
 def given_options(ctx: typer.Context) -> set[str]:

@@ -23,7 +23,7 @@ def run(
 ) -> None:
     """Show every command working on real data, with no network and no GPU needed.
 
-    Writes scikit-learn's bundled handwritten digits as an image folder, crops of its sample photos and a few short OpenCV videos into OUT, then runs env-info, summary, finetune (resnet18 from scratch on the digits), evaluate (--csv, --plot), extract-features (from the fine-tuned checkpoint), video-info (TSN sampling, frames out), profile --compare and, where a GPU is present, gpu-reset --dry-run — each printed as the command line to copy, run by the same code as typing it. Ends with the accuracy reached, where each output is and what to try next. About 3 minutes on 2 CPU cores (--quick: under 1).
+    Writes scikit-learn's bundled handwritten digits as an image folder, crops of its sample photos and a few short OpenCV videos into OUT, then runs env-info, summary, finetune (resnet18 from scratch on the digits), evaluate (--csv, --plot), extract-features (from the fine-tuned checkpoint), video-info (TSN sampling, frames out), profile --compare and, where a GPU is present, gpu-reset --dry-run — each printed as the command line to copy, run by the same code as typing it. Ends with the accuracy reached, where each output is and what to try next. About a minute on 2 CPU cores (--quick: about 25 s).
     """
     from torchtool.core import demo
 
