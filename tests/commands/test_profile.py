@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,139 @@ def test_mistakes_are_one_line(tmp_path, monkeypatch, args, message):
     assert result.exit_code in (1, 2), result.output
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+class ModeDependent(torch.nn.Module):
+    """A model whose outputs change under torch.inference_mode(): that tip is wrong for it, however fast."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if torch.is_inference_mode_enabled() else y
+
+
+def test_a_tip_whose_outputs_differ_is_flagged_not_a_speedup():
+    args = ["tests.commands.test_profile:ModeDependent", "--input-size", "8", "--device", "cpu", "--max-time", "0.05",
+            "--quiet", "--compare", "--tips", "inference_mode"]
+    row = _json(*args)["compare"][1]
+    assert row["tip"] == "inference_mode" and row["max_rel_error"] == pytest.approx(1.0)
+    assert row["within_tolerance"] is False and row["verdict"] == "outputs differ"
+    assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
+    table = invoke(*args).stdout
+    line = next(line for line in table.splitlines() if line.startswith("inference_mode"))
+    assert "outputs differ" in line and "NO (tol" in line and "faster" not in line
+
+
+def test_threads_above_the_cpus_get_one_note():
+    from torchtool.core.runtime import available_cpus
+
+    result = invoke(TINY, "--threads", available_cpus() + 1, *FAST)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("oversubscribe") == 1
+
+
+def test_undecodable_images_are_a_failure_not_a_fastest_setting(tmp_path):
+    for name in ("a.jpg", "b.png", "c.jpg"):
+        (tmp_path / name).write_bytes(b"not an image at all" * 10)
+    result = invoke(TINY, "--dataloader", tmp_path, "--dataloader-images", "3", *FAST)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert f"--dataloader {tmp_path}: none of the 3 images could be decoded" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+BUILT_MARK = textwrap.dedent("""
+    import torch.nn as nn
+
+    def model():
+        open({mark!r}, "w").close()
+        return nn.Linear(1000, 1000)
+""")
+
+
+def test_trace_is_checked_before_the_model_is_built(tmp_path):
+    (tmp_path / "marked.py").write_text(BUILT_MARK.format(mark=str(tmp_path / "built")))
+    (tmp_path / "t.json").write_text("mine")
+    result = invoke(str(tmp_path / "marked.py") + ":model", "--trace", tmp_path / "t.json", *FAST)
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert not (tmp_path / "built").exists() and (tmp_path / "t.json").read_text() == "mine"
+
+
+def test_a_model_too_large_for_half_the_free_memory_is_not_built(tmp_path, monkeypatch):
+    (tmp_path / "marked.py").write_text(BUILT_MARK.format(mark=str(tmp_path / "built")))
+    monkeypatch.setattr("torchtool.core.inspect.bounds.available_memory", lambda: 6 << 20)  # 4 MB of weights
+    result = invoke(str(tmp_path / "marked.py") + ":model", "--input-size", "1000", *FAST)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "weights (4.0 MB) are too large for a real forward here (6.3 MB free)" in result.stderr
+    assert (tmp_path / "built").exists()  # built once, on the meta device, to know its size
+
+
+FORKS = textwrap.dedent("""
+    import os
+    import torch
+
+    torch.randn(32, 32) @ torch.randn(32, 32)
+    child = os.fork()
+    if child == 0:
+        print("the child returns")
+    else:
+        os.waitpid(child, 0)
+""")
+
+
+def test_a_forked_child_never_prints_the_tables(tmp_path, run_torchtool):
+    (tmp_path / "forks.py").write_text(FORKS)
+    proc = run_torchtool("profile", str(tmp_path / "forks.py"), "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "the child returns" in proc.stderr
+    assert proc.stdout.count("function") == 1 and proc.stdout.count("self_cpu_ms") == 1  # once: the parent's
+
+
+def test_ctrl_c_in_a_script_prints_what_was_gathered(tmp_path):
+    (tmp_path / "interrupted.py").write_text(textwrap.dedent("""
+        import signal
+        import time
+        import torch
+
+        def work():
+            return (torch.randn(64, 64) @ torch.randn(64, 64)).sum()
+
+        work()
+        signal.raise_signal(signal.SIGINT)  # what Ctrl-C sends
+        time.sleep(600)
+    """))
+    result = runner.invoke(app, ["profile", str(tmp_path / "interrupted.py"), "--top", "5"])
+    assert result.exit_code == 130
+    assert "work" in result.stdout and "aten::mm" in result.stdout  # the tables up to the interrupt
+    assert "KeyboardInterrupt (Ctrl-C)" in result.stderr
+
+
+def test_a_script_exit_message_is_reported(tmp_path):
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit('missing --data')\n")
+    result = runner.invoke(app, ["profile", str(tmp_path / "quits.py")])
+    assert result.exit_code == 1 and "function" in result.stdout
+    assert "quits.py ended with exit code 1: SystemExit: missing --data" in result.stderr
+
+
+# A full disk, without root: a file-size limit (EFBIG) for the process, or /dev/full, written through.
+FSIZE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+from torchtool.cli import main
+sys.argv = ["torchtool", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_trace_that_cannot_be_written_is_a_failure(tmp_path, run_python):
+    args = ["profile", TINY, "--trace", str(tmp_path / "t.json"), *FAST, "--json"]
+    proc = run_python("-c", FSIZE, *args, env={"PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert "torchtool: error: torch.profiler could not write the whole trace" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no trace, no temporary file
+    if Path("/dev/full").exists():
+        full = runner.invoke(app, ["profile", TINY, "--trace", "/dev/full", *FAST])
+        assert full.exit_code == 1 and "no space left on device while writing /dev/full" in full.stderr

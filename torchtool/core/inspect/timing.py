@@ -109,8 +109,9 @@ def measure(fn: Callable[[], Any], device: torch.device, threads: int, max_time:
         times = list(m.times)
         if len(times) < MIN_SAMPLES:
             if note:
-                note(f"one call takes {m.median:.3g} s: timing {MIN_SAMPLES} runs (about "
-                     f"{MIN_SAMPLES * m.median * m.number_per_run:.0f} s), beyond --max-time {max_time:g}")
+                more = (MIN_SAMPLES - len(times)) * m.number_per_run * m.median
+                note(f"{len(times)} timed block(s) of {m.number_per_run} call(s) in --max-time {max_time:g}: timing "
+                     f"{MIN_SAMPLES}, about {more:.2g} s more, for a median and quartiles")
             times += [timer.timeit(m.number_per_run).median for _ in range(MIN_SAMPLES - len(times))]
     times.sort()
     q1, q3 = _quantile(times, 0.25), _quantile(times, 0.75)
