@@ -17,7 +17,8 @@ from here through subprocess. extract-features also reports the rate of its own 
 counts are checked against the data set. (evaluate writes no feature files; that is expected.)
 After one warm-up run of each, every round runs both, the order alternating from round to
 round (A,B then B,A ...) so that this VM's drift hits both alike; the ratio evaluate/extract
-is taken per round, and the figures are medians over rounds. Goal: ratio >= 0.9.
+is taken per round, and the figures are medians over rounds. Goal: ratio >= 0.9; the script
+exits 1 when it is not met.
 Inputs are real JPEG photos: random crops of scikit-learn's bundled china.jpg/flower.jpg,
 resized, in DATA/china/ and DATA/flower/.
 """
@@ -29,6 +30,7 @@ import json
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,6 +142,8 @@ def main() -> None:
         verdict = "met" if m["ratio"] >= GOAL else "NOT met"
         print(f"ratio evaluate/extract-features = {m['ratio']:.3f}  (median of per-round ratios "
               f"{', '.join(f'{x:.3f}' for x in rows['ratio'])}; goal >= {GOAL}, {verdict})")
+    if verdict != "met":  # a script that checks a claim fails when the claim does not hold
+        sys.exit(1)
 
 
 if __name__ == "__main__":

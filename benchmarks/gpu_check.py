@@ -180,22 +180,42 @@ def finetune(work: Path) -> None:
 
 
 def evaluate(work: Path, data: Path) -> None:
-    """evaluate of the finetune checkpoint on the GPU (fp32 and --amp) against the CPU's report."""
+    """evaluate of the finetune checkpoint on the GPU (fp32 and --amp) against the CPU's report.
+
+    A comparison needs both reports: a failed CPU run is a FAIL of every comparison, never a pass
+    between two failures. Non-finite logits (NaN weights, on the GPU with --amp) exit 1 with one line.
+    """
     reports = {}
     for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", DEV]), ("amp", ["--device", DEV, "--amp"])):
         proc = sh(*TORCHTOOL, "evaluate", work / "ft" / "best.pth", "--json", "-q", *extra)
-        reports[name] = json.loads(proc.stdout) if proc.returncode == 0 else None
-        if name != "cpu":
-            check(f"evaluate {name} runs", reports[name] is not None, proc.stderr[-300:])
+        try:
+            reports[name] = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except ValueError:
+            reports[name] = None
+        check(f"evaluate {name} runs", reports[name] is not None and reports[name].get("images", 0) > 0,
+              f"exit {proc.returncode} {proc.stderr[-300:]}")
     cpu = reports["cpu"]
     for name in ("cuda", "amp"):
         got = reports[name]
-        if cpu and got:
-            # TF32 / bf16 may flip an image whose top two scores are within rounding of each other
-            differ = sum(abs(a["recall"] * a["support"] - b["recall"] * b["support"])
-                         for a, b in zip(cpu["per_class"], got["per_class"]))
-            check(f"evaluate {name} == cpu", got["images"] == cpu["images"] and differ <= 2,
-                  f"accuracy {got['accuracy']:.4f} vs {cpu['accuracy']:.4f}, {differ:.0f} image(s) differ")
+        if cpu is None or got is None:
+            check(f"evaluate {name} == cpu", False, "no CPU reference report" if cpu is None else f"no {name} report")
+            continue
+        # TF32 / bf16 may flip an image whose top two scores are within rounding of each other
+        differ = sum(abs(a["recall"] * a["support"] - b["recall"] * b["support"])
+                     for a, b in zip(cpu["per_class"], got["per_class"]))
+        check(f"evaluate {name} == cpu", got["images"] == cpu["images"] and differ <= 2,
+              f"accuracy {got['accuracy']:.4f} vs {cpu['accuracy']:.4f}, {differ:.0f} image(s) differ")
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None, num_classes=10).state_dict()
+    state["fc.bias"][3] = float("nan")
+    torch.save(state, work / "nan.pth")
+    proc = sh(*TORCHTOOL, "evaluate", "-m", "resnet18", "-w", work / "nan.pth", "--data", data / "val", "--json", "-q",
+              "--device", DEV, "--amp")
+    lines = proc.stderr.strip().splitlines()
+    check("evaluate cuda --amp: non-finite outputs exit 1 in one line", proc.returncode == 1 and not proc.stdout
+          and bool(lines) and "are not finite (NaN or Inf)" in lines[0] and len(lines) == 2, proc.stderr[-300:])
 
 
 @guarded
