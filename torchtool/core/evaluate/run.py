@@ -230,8 +230,8 @@ def _evaluate_model(cfg: EvalConfig, dist: runtime.Dist, outs: dict[str, Path]) 
                       hint=f"the first: {skipped[0]['path']}: {skipped[0]['error']}")
     index, labels, top_idx, conf, finite = (np.concatenate(col) for col in zip(*rows))
     if not finite.all():  # NaN logits "predict" class 0 with a NaN score: no report beats a wrong one
-        hint = ("float16 may overflow: try without --amp" if cfg.amp else
-                "the weights may hold NaN/Inf (a training run that diverged?)")
+        hint = "the weights may hold NaN/Inf (a training run that diverged?)"
+        hint = f"float16 may overflow: try without --amp; if that fails too, {hint}" if cfg.amp else hint
         raise Failure(f"the model's outputs are not finite (NaN or Inf) for {int((~finite).sum())} of "
                       f"{len(finite)} images: no report", hint=hint)
     order = np.argsort(index, kind="stable")
