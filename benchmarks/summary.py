@@ -13,7 +13,8 @@ nothing heavy, so the fork it starts from is small):
 on resnet50 and vgg16, and torchtool alone on a 25-billion-parameter torch.nn.Transformer
 (101 GB of float32 weights; torchinfo would have to allocate them). Rounds run every command
 in turn, the order reversed each round; figures are medians. Goals: torchtool faster than
-torchinfo, and its peak RSS within 10% of the import floor for every model.
+torchinfo, and its peak RSS within 10% of the import floor for every model; exit status 1
+when a goal is not met.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> None:
     ok &= worst <= 1.10
     print(f"largest torchtool peak RSS / import floor = {worst:.3f} (goal <= 1.10); "
           f"goals {'met' if ok else 'NOT met'}")
+    if not ok:  # a script or CI reading only the exit status sees it too
+        sys.exit(1)
 
 
 if __name__ == "__main__":

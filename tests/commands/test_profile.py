@@ -311,3 +311,24 @@ def test_a_trace_that_cannot_be_written_is_a_failure(tmp_path, run_python):
     if Path("/dev/full").exists():
         full = runner.invoke(app, ["profile", TINY, "--trace", "/dev/full", *FAST])
         assert full.exit_code == 1 and "no space left on device while writing /dev/full" in full.stderr
+
+
+def test_a_models_prints_never_reach_stdout(tmp_path, run_torchtool):
+    (tmp_path / "noisy.py").write_text(textwrap.dedent("""
+        import os
+        import torch
+
+        class Noisy(torch.nn.Linear):
+            def forward(self, x):
+                print("forward says hi")
+                os.write(1, b"and so does C\\n")
+                return super().forward(x)
+
+        def model():
+            return Noisy(4, 2)
+    """))
+    proc = run_torchtool("profile", str(tmp_path / "noisy.py") + ":model", "--input-size", "4", "--device", "cpu",
+                         "--max-time", "0.05", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["forward"]["runs"] >= 5
+    assert "forward says hi" in proc.stderr and "and so does C" in proc.stderr

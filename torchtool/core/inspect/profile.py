@@ -31,7 +31,7 @@ from torchtool.core.inspect.timing import busy_machine, measure, warm_up
 from torchtool.core.inspect.tips import CATALOG, TIPS, compare_tips
 from torchtool.core.inspect.trace import check_script, profile_steps, run_script
 from torchtool.core.inspect.tracking import ModuleCalls
-from torchtool.core.models.spec import resolve_model
+from torchtool.core.models.spec import resolve_model, stdout_to_stderr
 from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line
 from torchtool.core.runtime import resolve_device
 
@@ -113,6 +113,11 @@ def _train_step(model: Any, inputs: list[Any]) -> Callable[[], None]:
 
 def profile(cfg: ProfileConfig) -> dict[str, Any]:
     """The measurements asked for, as one report (see the command's help for the keys)."""
+    with stdout_to_stderr():  # a model's or script's prints never reach the tool's stdout
+        return _run(cfg)
+
+
+def _run(cfg: ProfileConfig) -> dict[str, Any]:
     trace = _check(cfg)
     if is_script(cfg.model):
         return run_script(check_script(cfg.model), cfg.script_args, cfg.top or 15, trace)

@@ -29,7 +29,7 @@ from torchtool.core.inspect.bounds import build_within, check_fits
 from torchtool.core.inspect.graph import autograd_dot, check_graph_path, write_graph
 from torchtool.core.inspect.inputs import InputSpec, make_inputs, parse_input_size, torch_dtype
 from torchtool.core.inspect.tracking import LiveBytes, ModuleCalls, Uncounted
-from torchtool.core.models.spec import ModelSource, resolve_model
+from torchtool.core.models.spec import ModelSource, resolve_model, stdout_to_stderr
 from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line
 
 # Errors that say "the meta device cannot do this" rather than "the input does not fit".
@@ -199,6 +199,11 @@ def _bytes(tensors: list[Any]) -> int:
 
 def summarize(cfg: SummaryConfig) -> dict[str, Any]:
     """The summary of ``cfg.model``: totals, memory and one record per layer (``layers``)."""
+    with stdout_to_stderr():  # the model's own prints (its forward's too) never reach the tool's stdout
+        return _summarize(cfg)
+
+
+def _summarize(cfg: SummaryConfig) -> dict[str, Any]:
     if cfg.depth < 0:
         raise UsageError("--depth must be 0 or more")
     specs = [parse_input_size(s) for s in cfg.input_sizes]
@@ -280,7 +285,7 @@ def _training_memory(model: Any, inputs: list[Any], specs: list[InputSpec], batc
 def totals(report: dict[str, Any]) -> dict[str, str]:
     """The totals block under the table, in human units (MACs and FLOPs named as such)."""
     def count(n: int) -> str:
-        for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
             if n >= size:
                 return f"{n / size:.3f} {unit}"
         return str(n)

@@ -3,9 +3,9 @@
 Script mode is what ``python -m torch.utils.bottleneck script.py`` does (cProfile and the
 autograd profiler over one run of the script), without its re-runs and crashes: the script
 runs once, in this process, as ``__main__`` with its own ``sys.argv``; its stdout goes to
-stderr (stdout is for the tables); its exit code and exception are reported; a child it forks
-ends when the script returns (it never prints torchtool's tables); Ctrl-C ends the script and
-the tables cover the run so far.
+stderr (``profile`` runs it under ``stdout_to_stderr``: stdout is for the tables); its exit
+code and exception are reported; a child it forks ends when the script returns (it never
+prints torchtool's tables); Ctrl-C ends the script and the tables cover the run so far.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def run_script(script: Path, args: list[str], top: int, trace: Path | None) -> d
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pid = os.getpid()
     try:
-        with profiler(device, memory=False) as prof, contextlib.redirect_stdout(sys.stderr):
+        with profiler(device, memory=False) as prof:
             python.enable()
             try:
                 runpy.run_path(str(script), run_name="__main__")

@@ -18,7 +18,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     """Model, device and the forward's (and training step's) latency, throughput and memory."""
     shapes = ", ".join("x".join(map(str, [report["batch_size"], *s])) for s in report["input_size"])
     where = "CUDA max_memory_allocated" if report["device"].startswith("cuda") else "peak RSS growth"
-    head: dict[str, Any] = {"model": report["model"], "device": f"{report['device']} ({report['threads']} threads)",
+    cpu = f"{report['cpu']}, " if report.get("cpu") else ""
+    head: dict[str, Any] = {"model": report["model"], "device": f"{report['device']} ({cpu}{report['threads']} threads)",
                             "input": shapes, f"forward (no_grad; memory: {where})": _latency(report["forward"])}
     if report["training_step"]:
         head["training step (forward, backward, SGD step)"] = _latency(report["training_step"])

@@ -35,13 +35,27 @@ SMALL_NUMEL = 1 << 16
 
 
 @contextlib.contextmanager
-def user_code(what: str) -> Iterator[None]:
-    """Run a user's code (``what`` names it): its prints go to stderr, stdout stays the tool's; ``sys.exit`` is
-    a one-line :class:`Failure` with the code and message (Python's and the file descriptor's stdout both)."""
+def stdout_to_stderr() -> Iterator[None]:
+    """While user code runs, its prints go to stderr (Python's ``sys.stdout`` and the file descriptor C
+    extensions write to): stdout is for the tool's tables and JSON."""
     sys.stdout.flush()
     saved = _redirect_fd(1, 2)
     try:
         with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run a user's code (``what`` names it) with :func:`stdout_to_stderr`; its ``sys.exit`` is a one-line
+    :class:`Failure` with the code and message."""
+    try:
+        with stdout_to_stderr():
             yield
     except SystemExit as done:
         code = done.code
@@ -49,11 +63,6 @@ def user_code(what: str) -> Iterator[None]:
         number = 1 if said else (code or 0)
         raise Failure(f"{what} called sys.exit({number}){said}".splitlines()[0],
                       hint="a factory must return the model, not exit") from None
-    finally:
-        sys.stderr.flush()
-        if saved is not None:
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 def _redirect_fd(fd: int, to: int) -> int | None:
