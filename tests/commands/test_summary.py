@@ -293,3 +293,25 @@ def test_graph_outputs_are_checked_before_the_model_is_built(tmp_path, monkeypat
     fallback = invoke(spec, "--input-size", "4", "--graph", tmp_path / "g.svg")  # without dot, g.dot is written
     assert fallback.exit_code == 2 and f"{tmp_path / 'g.dot'} already exists" in fallback.stderr
     assert not (tmp_path / "built").exists() and (tmp_path / "g.dot").read_text() == "mine"
+
+
+def test_the_benchmark_exits_1_when_a_goal_is_not_met(monkeypatch, capsys):
+    """benchmarks/summary.py's verdict reaches its exit status (its measurements replaced by given figures)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
+    bench = importlib.import_module("summary")
+    monkeypatch.setattr(sys, "argv", ["summary.py", "--rounds", "1"])
+    fast = {"torchtool": (1.0, 100), "torchinfo": (2.0, 300), "floor": (0.9, 100)}  # (seconds, peak RSS)
+
+    def measure(argv):
+        kind = "torchtool" if argv[0] == bench.torchtool_exe() else "torchinfo" if "torchinfo" in argv[-1] else "floor"
+        return fast[kind]
+
+    monkeypatch.setattr(bench, "measure", measure)
+    bench.main()  # goals met: returns
+    assert "goals met" in capsys.readouterr().out
+    fast["torchtool"] = (3.0, 100)  # slower than torchinfo
+    with pytest.raises(SystemExit) as done:
+        bench.main()
+    assert done.value.code == 1 and "goals NOT met" in capsys.readouterr().out
