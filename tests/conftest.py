@@ -106,6 +106,17 @@ def wait_for() -> Callable[..., None]:
     return wait
 
 
+# --- finetune: real digits as an image folder (session-scoped, made once; tests copy before changing it) ---
+
+
+@pytest.fixture(scope="session")
+def digits4(tmp_path_factory) -> Path:
+    """4 digits, 16 train + 4 val images each (train/ and val/ folders), 32 px."""
+    from tests.finetune_data import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits4"), labels=range(4), train_per_class=16, val_per_class=4)
+
+
 # --- extract-features: real photos and weight files (session-scoped, made once) -----------
 
 

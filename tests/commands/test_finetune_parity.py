@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.finetune_data import write_digits
 from torchtool.cli import app
 from torchtool.core.models import build_model
 from torchtool.core.models.checkpoint import load_checkpoint
@@ -20,11 +19,6 @@ from torchtool.core.models.checkpoint import load_checkpoint
 runner = CliRunner()
 SMALL = ["--model", "mobilenet_v3_small", "--weights", "none", "--batch-size", "16", "--workers", "0",
          "--device", "cpu", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def digits4(tmp_path_factory):
-    return write_digits(tmp_path_factory.mktemp("digits4"), labels=range(4), train_per_class=16, val_per_class=4)
 
 
 def _finetune(data, out, *args):
