@@ -150,6 +150,7 @@ def test_script_mode(tmp_path):
 
     code = runner.invoke(app, ["profile", str(script), "--", "32", "4"])
     assert code.exit_code == 4 and "function" in code.stdout  # tables printed, the script's exit code kept
+    assert "job.py ended with exit code 4" in code.stderr
     failed = runner.invoke(app, ["profile", str(script), "--", "32", "fail"])
     assert failed.exit_code == 1
     assert "ValueError: the script failed on purpose" in failed.stderr and "Traceback" in failed.stderr

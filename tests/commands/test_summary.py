@@ -315,3 +315,19 @@ def test_the_benchmark_exits_1_when_a_goal_is_not_met(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         bench.main()
     assert done.value.code == 1 and "goals NOT met" in capsys.readouterr().out
+
+
+def test_a_graph_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, run_python):
+    limited = textwrap.dedent("""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # a full disk, for this process only
+        from torchtool.cli import main
+        sys.argv = ["torchtool", *sys.argv[1:]]
+        main()
+    """)
+    proc = run_python("-c", limited, "summary", "squeezenet1_0", "--input-size", "3,64,64", "--depth", "0",
+                      "--graph", str(tmp_path / "g.dot"), env={"PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"torchtool: error: file too large while writing {tmp_path / 'g.dot'}" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []

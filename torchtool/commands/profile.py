@@ -79,6 +79,6 @@ def run(
             if rows:
                 output.emit(rows, fmt)
     if report.get("exit_code"):
-        if report.get("exception"):
-            output.warn(f"{report['script']} ended with exit code {report['exit_code']}: {report['exception']}")
+        why = f": {report['exception']}" if report.get("exception") else ""
+        output.warn(f"{report['script']} ended with exit code {report['exit_code']}{why}")
         raise typer.Exit(report["exit_code"])
