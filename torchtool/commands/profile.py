@@ -24,7 +24,8 @@ def run(
     backward: Annotated[bool, typer.Option(
         "--backward", help="Also time a training step: forward, backward and an SGD step.")] = False,
     compare: Annotated[bool, typer.Option(
-        "--compare", help="Measure the speed tips against the fp32 baseline, outputs checked.")] = False,
+        "--compare", help="Measure the speed tips against the fp32 baseline, outputs checked; a tip is called "
+        "faster or slower only when the speed-up's range from both quartiles excludes 1.")] = False,
     tips: Annotated[Optional[str], typer.Option(
         metavar="LIST", show_default=False, help="With --compare, only these (comma-separated): channels_last, "
         "bf16, fp16, cudnn_benchmark, compile, inference_mode, fold_bn.")] = None,
@@ -40,7 +41,8 @@ def run(
         metavar="N", min=0, help="Print the N operators with the most self time (a script: 15 by default).")] = 0,
     max_time: Annotated[float, typer.Option(
         metavar="SECONDS", min=0.01, help="Time budget of each measurement (torch.utils.benchmark's adaptive "
-        "autorange stops earlier once the median is stable).")] = 2.0,
+        "autorange stops earlier once the median is stable; a slow call still gets 5 timed runs, said on "
+        "stderr).")] = 2.0,
     max_pixels: MaxPixels = MAX_PIXELS,
     overwrite: Overwrite = False,
     format: Format = "table",
