@@ -135,16 +135,22 @@ def writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file", hint=f"give {what} a folder")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    cause = _unwritable(path)
+    if cause:
+        raise Failure(f"cannot write to {what} {path}: {cause}", hint=f"choose a {what} you can write to")
+    return path
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be made in ``folder`` (or the nearest existing folder above it), else None."""
+    probe = _nearest_folder(folder)
     try:
         with tempfile.TemporaryFile(dir=probe):
-            pass
+            return None
     except OSError as exc:
-        cause = WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
-        raise Failure(f"cannot write to {what} {path}: {cause}", hint=f"choose a {what} you can write to") from None
-    return path
+        if exc.errno == errno.ENOTDIR:
+            return f"{probe} is a file, not a folder"
+        return WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
 
 
 def reserve(fd: int, size: int, path: str | os.PathLike) -> bool:
@@ -302,7 +308,10 @@ def check_writable(path: str | os.PathLike, overwrite: bool, what: str = "output
         raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it")
     if kind == "stream":
         return path
-    writable_dir(target.parent, f"the folder of {what}")
+    cause = _unwritable(target.parent)
+    if cause:
+        error = UsageError if "not a folder" in cause else Failure
+        raise error(f"cannot write {shown}: {cause}", hint=f"choose a {what} in a folder you can write to")
     return path
 
 
