@@ -11,7 +11,11 @@ from torchtool.commands._options import (
 )
 from torchtool.core import output
 
-File = Annotated[Optional[Path], typer.Option(metavar="FILE", show_default=False)]
+
+
+def _file(help: str):
+    """An output file option (each its own: they share a shape, not a description)."""
+    return Annotated[Optional[Path], typer.Option(metavar="FILE", show_default=False, help=help)]
 
 
 def _topk(value: str) -> list[int]:
@@ -26,7 +30,7 @@ def _topk(value: str) -> list[int]:
 
 def run(
     checkpoint: Annotated[Optional[str], typer.Argument(
-        metavar="[CHECKPOINT]", show_default=False,
+        show_default=False,
         help="A finetune checkpoint (run/best.pth): its model, classes, preprocessing and validation images.")] = None,
     model: ModelName = None,
     weights: Annotated[Optional[str], typer.Option(
@@ -40,11 +44,13 @@ def run(
     classes: Annotated[Optional[str], typer.Option(
         metavar="FILE|A,B,...", show_default=False, help="With --predictions: the class names in label order.")] = None,
     topk: Annotated[str, typer.Option("--topk", help="Top-k accuracies to report (capped at the class count).")] = "1,5",
-    csv: File = None,
-    confusion_csv: File = None,
+    csv: _file("The per-class report as CSV: class,label,support,precision,recall,f1,confused_1..5, then All "
+               "and Macro rows.") = None,
+    confusion_csv: _file("The confusion matrix as CSV counts (rows: true class, columns: predicted).") = None,
     plot: Annotated[Optional[Path], typer.Option(metavar="FILE.png", show_default=False,
                                                  help="The confusion matrix as a heatmap, normalised by row.")] = None,
-    save_predictions: File = None,
+    save_predictions: _file("One row per image: path,label,prediction,score (and the class list once), which "
+                            "--predictions reads back to the same report.") = None,
     batch_size: InferBatchSize = None,
     workers: Workers = DEFAULT_WORKERS,
     device: Device = "auto",
