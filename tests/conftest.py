@@ -61,8 +61,8 @@ def pytest_configure(config):
 @pytest.fixture
 def spawn(tmp_path):
     """``spawn(*argv, env=None) -> Popen``: start ``argv`` in its own session, stdout and stderr to files
-    (``proc.out``, ``proc.err``: a pipe nobody reads would stall it); at teardown it and every process it
-    started are killed (SIGKILL to its process group)."""
+    (``proc.out``, ``proc.err``: a pipe nobody reads would stall it); at teardown it and every process
+    below it are killed (SIGKILL)."""
     import signal
 
     started: list[subprocess.Popen] = []
@@ -78,11 +78,30 @@ def spawn(tmp_path):
 
     yield start
     for proc in started:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group: torchrun's workers too
-        except ProcessLookupError:
-            pass
+        # torchrun starts each worker in a session of its own: kill the whole tree, found before any dies
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.fixture(scope="session")
