@@ -49,16 +49,17 @@ def compare(ours: list[str], *baselines: list[str], runs: int) -> tuple[list[flo
     return tuple(times)
 
 
-def report(title: str, ours_label: str, ours: list[float], base_label: str, base: list[float], goal: float) -> None:
-    """One baseline: the medians and their ratio against ``goal``."""
-    report_many(title, ours_label, ours, [(base_label, base, "")], goal)
+def report(title: str, ours_label: str, ours: list[float], base_label: str, base: list[float], goal: float) -> bool:
+    """One baseline: the medians and their ratio against ``goal``; True when the goal is met."""
+    return report_many(title, ours_label, ours, [(base_label, base, "")], goal)
 
 
 def report_many(title: str, ours_label: str, ours: list[float], baselines: list[tuple[str, list[float], str]],
-                goal: float, judged_on: int = 0) -> None:
+                goal: float, judged_on: int = 0) -> bool:
     """Medians of ``ours`` and of each (label, times, what the ratio includes); one ratio per baseline.
 
-    The goal is judged on ``baselines[judged_on]`` alone; the other ratios are printed beside it.
+    The goal is judged on ``baselines[judged_on]`` alone (the return value: met or not); the other
+    ratios are printed beside it.
     """
     mo = statistics.median(ours)
     rows = [(ours_label, ours)] + [(label, times) for label, times, _ in baselines]
@@ -73,3 +74,4 @@ def report_many(title: str, ours_label: str, ours: list[float], baselines: list[
         about = f" against {label}" if len(baselines) > 1 else ""
         verdict = f"goal: >= {goal:g}x, {'met' if ratio >= goal else 'NOT met'}" if i == judged_on else "not judged"
         print(f"  ratio{about}: {ratio:.1f}x faster ({verdict}){'; ' + note if note else ''}")
+    return statistics.median(baselines[judged_on][1]) / mo >= goal

@@ -115,9 +115,10 @@ def main() -> None:
     ours_cmd = [torchtool_exe(), "env-info", "--format", "json"]
     base_cmd = [sys.executable, "-m", "torch.utils.collect_env"]
     ours, base = compare(ours_cmd, base_cmd, runs=runs)
-    report("env-info: torchtool env-info --format json vs python -m torch.utils.collect_env",
-           "torchtool env-info --format json", ours, "python -m torch.utils.collect_env", base, GOAL)
+    met = report("env-info: torchtool env-info --format json vs python -m torch.utils.collect_env",
+                 "torchtool env-info --format json", ours, "python -m torch.utils.collect_env", base, GOAL)
     describe(statistics.median(base) - statistics.median(ours))
+    raise SystemExit(0 if met else 1)  # a goal NOT met fails the run
 
 
 if __name__ == "__main__":

@@ -305,6 +305,7 @@ def main() -> None:
         print(f"(b') the same, torchvision's plain resnet18:    {m['plain']:7.2f} images/s "
               "(BatchNorm not folded; for reference)")
         print(f"(c)  naive loop (PIL + model(x[None])):         {m['c']:7.2f} images/s ({args.naive_images} images)")
+        failed = [name for name, ok in (("(a)/(b)", m["a/own"] >= 0.9), ("(a)/(c)", m["a/c"] >= 1.3)) if not ok]
         verdict = "met" if m["a/own"] >= 0.9 else "NOT met"
         print(f"ratio (a)/(b)  = {m['a/own']:.2f}   (goal >= 0.9, {verdict}: the command against its own folded "
               f"forward pass; its loop alone {m['loop/own']:.2f})")
@@ -313,11 +314,15 @@ def main() -> None:
         verdict = "met" if m["a/c"] >= 1.3 else "NOT met"
         print(f"ratio (a)/(c)  = {m['a/c']:.2f}   (goal >= 1.3, {verdict})")
         print("per round: " + "; ".join(f"{k} " + " ".join(f"{v:.2f}" for v in r) for k, r in runs.items()))
-        memory(paths, tmp, cli, args.mem_images, args.workers)
+        if not memory(paths, tmp, cli, args.mem_images, args.workers):
+            failed.append("memory")
+    if failed:  # a goal NOT met fails the run
+        raise SystemExit(f"goals NOT met: {', '.join(failed)}")
 
 
-def memory(paths: list[Path], tmp: Path, cli: list[str], n_big: int, workers: int) -> None:
-    """Peak memory of the whole process tree for 200 and ``n_big`` images of --layer layer3 at 224 px."""
+def memory(paths: list[Path], tmp: Path, cli: list[str], n_big: int, workers: int) -> bool:
+    """Peak memory of the whole process tree for 200 and ``n_big`` images of --layer layer3 at 224 px;
+    True when its goal is met."""
     peaks = {}
     for n in (200, n_big):
         peaks[n] = run_memory(_link(paths[:n], tmp / f"mem{n}"), tmp / f"outmem{n}", cli)
@@ -355,6 +360,7 @@ def memory(paths: list[Path], tmp: Path, cli: list[str], n_big: int, workers: in
     verdict = "met" if per_1000 <= goal else "NOT met"
     print(f"  goal: <= 100 MB growth from 200 to 2000 images (<= {goal:.1f} MB per 1000 images), judged on the "
           f"tree's summed PSS, file-backed pages included: {per_1000:+.1f} MB per 1000 images, {verdict}")
+    return per_1000 <= goal
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ def main() -> None:
     bare_cmd = [sys.executable, "-c", "import torch, os; os._exit(0)"]
     full_cmd = [sys.executable, "-c", "import torch"]
     ours, bare, full = compare(ours_cmd, bare_cmd, full_cmd, runs=runs)
-    report_many("startup: torchtool --help vs python -c 'import torch' (with and without teardown)",
+    met = report_many("startup: torchtool --help vs python -c 'import torch' (with and without teardown)",
                 "torchtool --help", ours,
                 [("python -c 'import torch, os; os._exit(0)'", bare, "import alone, no teardown (the strict ratio)"),
                  ("python -c 'import torch'", full, "import plus interpreter teardown")],
                 GOAL, judged_on=0)
+    raise SystemExit(0 if met else 1)  # a goal NOT met fails the run
 
 
 if __name__ == "__main__":

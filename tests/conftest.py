@@ -30,7 +30,7 @@ def torchtool_exe() -> Path:
 def run_torchtool(torchtool_exe: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``torchtool ARGS...`` end to end; returns the CompletedProcess (text mode)."""
 
-    def run(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120):
+    def run(*args: str, env: Mapping[str, str] | None = None, timeout: float = GENEROUS_S):
         return subprocess.run([str(torchtool_exe), *args], capture_output=True, text=True,
                               env=_clean_env(env), timeout=timeout, check=False)
 
@@ -41,7 +41,7 @@ def run_torchtool(torchtool_exe: Path) -> Callable[..., subprocess.CompletedProc
 def run_python() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``python ARGS...`` with this interpreter; returns the CompletedProcess (text mode)."""
 
-    def run(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120):
+    def run(*args: str, env: Mapping[str, str] | None = None, timeout: float = GENEROUS_S):
         return subprocess.run([sys.executable, *args], capture_output=True, text=True,
                               env=_clean_env(env), timeout=timeout, check=False)
 

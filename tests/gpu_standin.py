@@ -19,11 +19,11 @@ import pytest
 
 from torchtool.core import gpu
 
-SLEEPS = "import time; print('ready', flush=True); time.sleep(120)"
+SLEEPS = "import time; print('ready', flush=True); time.sleep(3600)"
 IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
-               "time.sleep(120)"
+               "time.sleep(3600)"
 DEVICES = ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm")
-PATIENCE = 60.0  # seconds: a generous bound on waiting for a child to exec
+PATIENCE = 1800.0  # seconds: a generous bound on waiting for a child to exec (a busy machine never reaches it)
 
 
 def prefix(tmp_path: Path) -> str:

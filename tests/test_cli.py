@@ -7,6 +7,8 @@ import re
 from importlib import metadata
 
 import pytest
+
+from tests.conftest import GENEROUS_S
 import typer
 from typer.testing import CliRunner
 
@@ -303,7 +305,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(torchtool_exe):
     import subprocess
 
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; '{torchtool_exe}' env-info --json | true"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=GENEROUS_S)
     assert proc.returncode == 141 and proc.stderr == ""
 
 

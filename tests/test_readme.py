@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GENEROUS_S
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
@@ -206,7 +208,7 @@ def test_every_readme_command_line_runs_as_written(workdir, command):
         if line.startswith("torchrun") and needed > gpus:
             continue  # several GPUs (tests/commands run torchrun on the CPU with gloo)
         shutil.rmtree(work / "features", ignore_errors=True)
-        proc = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=GENEROUS_S)
         ran += 1
         expected = 1 if needed > gpus else 0
         errors = [e for e in proc.stderr.splitlines() if e.startswith("torchtool: error:")]
@@ -225,7 +227,7 @@ def test_the_readme_python_example_runs(workdir):
     work, env = workdir
     (example,) = [b for b in readme_blocks("python") if "FeatureExtractor" in b]
     proc = subprocess.run([sys.executable, "-c", example + "\nprint({k: tuple(v.shape) for k, v in feats.items()}, "
-                           "tuple(pooled.shape))"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+                           "tuple(pooled.shape))"], cwd=work, env=env, capture_output=True, text=True, timeout=GENEROUS_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "{'relu5_3': (8, 512, 14, 14), 'fc7': (8, 4096)} (8, 262144)"
 

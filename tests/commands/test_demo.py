@@ -104,21 +104,21 @@ def test_a_demo_name_made_by_someone_else_is_refused(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside" / "keep.txt").read_text() == "keep"
 
 
-def test_ctrl_c_says_where_the_demo_stopped(torchtool_exe, tmp_path):
+def test_ctrl_c_says_where_the_demo_stopped(torchtool_exe, tmp_path, wait_for):
     import os
     import signal
     import subprocess
-    import time
+
+    from tests.conftest import GENEROUS_S, _descendants
 
     out = tmp_path / "demo"
     proc = subprocess.Popen([str(torchtool_exe), "demo", "--quick", "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (out / "run" / "config.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # finetune has started ...
-    time.sleep(1.0)  # ... and its loader workers with it
+    # finetune has started and its loader workers are running (a Ctrl-C while they fork can be swallowed)
+    wait_for("finetune's loader workers", lambda: (out / "run" / "config.json").exists()
+             and len(_descendants(proc.pid)) >= 2, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=GENEROUS_S)
     assert proc.returncode == 130, stderr[-2000:]
     assert "torchtool: error: demo interrupted during finetune" in stderr and "Traceback" not in stderr
     assert (out / "digits").is_dir()  # what it made is left for a look

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import GENEROUS_S
 import torch
 from typer.testing import CliRunner
 
@@ -195,9 +197,9 @@ def test_torchrun_counts_each_image_once(run_python, split_run, tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     two = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *common[:2],
                      *common[2:], "--save-predictions", str(tmp_path / "two.csv"),
-                     env={**env, "TMPDIR": str(tmp_path)}, timeout=300)
+                     env={**env, "TMPDIR": str(tmp_path)}, timeout=GENEROUS_S)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run_python(*common, "--save-predictions", str(tmp_path / "one.csv"), env=env, timeout=300)
+    one = run_python(*common, "--save-predictions", str(tmp_path / "one.csv"), env=env, timeout=GENEROUS_S)
     assert one.returncode == 0, one.stderr[-3000:]
     r2, r1 = json.loads(two.stdout), json.loads(one.stdout)  # one report: only rank 0 prints
     assert r2["images"] == r1["images"] == 19

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import GENEROUS_S
 from typer.testing import CliRunner
 
 from torchtool.cli import app
@@ -525,7 +527,7 @@ def test_end_to_end_through_the_installed_executable(tmp_path, photos_dir, photo
     out = tmp_path / "feats"
     proc = run_torchtool("extract-features", str(root), "-o", str(out), "-m", "resnet18", "-w",
                          str(resnet18_weights_pth), *SIZE, "-l", "layer3,gap", "--workers", "2", "-b", "3", "--json",
-                         "--device", "cpu", timeout=240)
+                         "--device", "cpu", timeout=GENEROUS_S)
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
     summary = json.loads(proc.stdout)  # stdout holds the summary and nothing else (flushed before the quick exit)
     assert not _processes_mentioning(str(out)), "loader workers outlived the command"
@@ -555,7 +557,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def _wait_for_rows(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 180) -> np.ndarray:
+def _wait_for_rows(out: Path, rows: int, proc: subprocess.Popen, timeout: float = GENEROUS_S) -> np.ndarray:
     """Poll .state/status.npy until the first ``rows`` rows are recorded (the run still going)."""
     deadline = time.monotonic() + timeout
     status_file = out / ".state" / "status.npy"
@@ -608,7 +610,7 @@ def test_loader_workers_die_with_a_killed_parent(tmp_path, photo_files, resnet18
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + GENEROUS_S
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
         time.sleep(0.1)
     alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
@@ -632,7 +634,7 @@ def test_fifos_and_folders_named_like_images_are_skipped_not_waited_for(tmp_path
     for inputs in ([str(root)], ["--list", str(listing)]):
         out = tmp_path / f"f{len(inputs)}"
         proc = run_torchtool("extract-features", *inputs, "-o", str(out), "-m", "resnet18", "-w",
-                             str(resnet18_weights_pth), *SIZE, "--workers", "1", "--device", "cpu", timeout=120)
+                             str(resnet18_weights_pth), *SIZE, "--workers", "1", "--device", "cpu", timeout=GENEROUS_S)
         assert proc.returncode == EXIT_PARTIAL, proc.stderr
         rows = {Path(r["path"]).name: r for r in index(out)}
         assert rows["a.jpg"]["status"] == "ok"
@@ -668,7 +670,7 @@ def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torcht
         _wait_for_rows(out, 8, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=GENEROUS_S)
     assert proc.returncode == -signal.SIGKILL
     status = np.load(out / ".state" / "status.npy")
     done = int((status != 0).sum())
@@ -827,7 +829,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, photos_dir, run_python):
     out = tmp_path / "two"
     proc = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "torchtool",
                       "extract-features", *args, "-o", str(out), "--json",
-                      env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, timeout=300)  # torchrun's files there
+                      env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, timeout=GENEROUS_S)  # torchrun's files there
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # rank 0 alone prints the summary
     assert (summary["rows"], summary["ok"], summary["skipped"]) == (8, 8, 0)

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from tests.conftest import GENEROUS_S
+
 from tests.gpu_standin import IGNORES_TERM, children, holding, named_sleep, prefix, standin  # noqa: F401 (fixture)
 from torchtool.core import gpu
 
@@ -70,7 +72,7 @@ def test_sigterm_then_sigkill_and_memory_freed(tmp_path, children, run_torchtool
     assert proc.returncode == 0, proc.stderr
     results = {r["pid"]: r["result"] for r in report["processes"]}
     assert results[polite.pid] == "ended (SIGTERM)" and results[stubborn.pid] == "killed (SIGKILL)"
-    assert polite.wait(5) == -signal.SIGTERM and stubborn.wait(5) == -signal.SIGKILL
+    assert polite.wait(GENEROUS_S) == -signal.SIGTERM and stubborn.wait(GENEROUS_S) == -signal.SIGKILL
     assert time.monotonic() - started >= 1  # the survivor got its --timeout before SIGKILL
     (summary,) = report["gpus"]
     assert summary["used_before_bytes"] == 9500 and summary["used_after_bytes"] == 500
@@ -136,12 +138,12 @@ def test_monitors_and_control_devices_only_with_include_control(tmp_path, childr
     assert rows[monitor.pid]["action"] == "leave" and rows[monitor.pid]["gpu"] is None
     assert rows[monitor.pid]["reason"].startswith("holds only control devices") and rows[monitor.pid]["result"] is None
     assert rows[nvtop.pid]["reason"] == "a GPU monitor (nvtop): pass --include-control to end it"
-    assert rows[worker.pid]["result"] == "ended (SIGTERM)" and worker.wait(5) == -signal.SIGTERM
+    assert rows[worker.pid]["result"] == "ended (SIGTERM)" and worker.wait(GENEROUS_S) == -signal.SIGTERM
     assert monitor.poll() is None and nvtop.poll() is None
     proc, report = _run(run_torchtool, env, "--yes", "--json", "--timeout", "5", "--include-control")
     assert {(r["pid"], r["action"], r["result"]) for r in report["processes"]} == {
         (monitor.pid, "end", "ended (SIGTERM)"), (nvtop.pid, "end", "ended (SIGTERM)")}
-    assert monitor.wait(5) == -signal.SIGTERM and nvtop.wait(5) == -signal.SIGTERM
+    assert monitor.wait(GENEROUS_S) == -signal.SIGTERM and nvtop.wait(GENEROUS_S) == -signal.SIGTERM
 
 
 def test_the_whole_parent_chain_is_protected(tmp_path, children, torchtool_exe):
@@ -154,7 +156,7 @@ def test_the_whole_parent_chain_is_protected(tmp_path, children, torchtool_exe):
         f"sys.exit(subprocess.run([sys.executable, '-c', {middle!r}, {str(torchtool_exe)!r}, 'gpu-reset', '--yes', "
         "'--json', '--timeout', '5']).returncode)"))
     top = subprocess.Popen([sys.executable, "-c", grandparent], stdout=subprocess.PIPE, text=True, env=env)
-    out, _ = top.communicate(timeout=120)
+    out, _ = top.communicate(timeout=GENEROUS_S)
     assert top.returncode == 0, out  # not ended: it exited on its own, with gpu-reset's status
     rows = {r["pid"]: r for r in json.loads(out)["processes"]}
     assert rows[top.pid]["action"] == "leave" and rows[top.pid]["reason"] == "a parent of torchtool"

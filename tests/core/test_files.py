@@ -8,6 +8,8 @@ import stat
 
 import pytest
 
+from tests.conftest import GENEROUS_S
+
 from torchtool.core import files
 from torchtool.core.output import TorchtoolError, UsageError
 
@@ -213,7 +215,7 @@ def test_a_fifo_is_written_through_and_never_replaced(tmp_path):
     reader.start()
     files.check_writable(fifo, overwrite=False)  # nothing is replaced, so no --overwrite is needed
     files.atomic_write_text(fifo, "a,b\n")
-    reader.join(timeout=600)
+    reader.join(timeout=GENEROUS_S)
     assert got == [b"a,b\n"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 

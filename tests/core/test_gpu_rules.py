@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GENEROUS_S
+
 from tests.gpu_standin import children, holding, named_sleep, prefix, standin, wait_for_comm  # noqa: F401
 from torchtool.core import gpu
 from torchtool.core.gpu import proc, reset
@@ -136,5 +138,5 @@ def test_without_pidfds_the_start_time_check_still_guards(tmp_path, children, mo
         assert proc.describe_pid(row)
     rows[1].start_ticks -= 1000  # as if the PID had been given to another process since the listing
     reset.end_holders(rows, 5, gpu.Rules(prefix(tmp_path), {0: 0}))
-    assert rows[0].result == "ended (SIGTERM)" and first.wait(5) == -signal.SIGTERM
+    assert rows[0].result == "ended (SIGTERM)" and first.wait(GENEROUS_S) == -signal.SIGTERM
     assert rows[1].result == reset.RECYCLED and second.poll() is None
