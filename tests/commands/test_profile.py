@@ -51,9 +51,11 @@ def test_statistics_are_self_consistent():
         assert rec["samples_per_s"] == pytest.approx(4 / (rec["median_ms"] / 1e3), rel=1e-9)
         assert rec["q1_ms"] <= rec["median_ms"] <= rec["q3_ms"]
         assert rec["iqr_ms"] == pytest.approx(rec["q3_ms"] - rec["q1_ms"])
-        assert rec["runs"] >= 1 and isinstance(rec["peak_memory_bytes"], int) and rec["peak_memory_bytes"] >= 0
+        assert rec["runs"] >= rec["blocks"] >= 5  # never one timed run presented as a statistic
+        assert isinstance(rec["peak_memory_bytes"], int) and rec["peak_memory_bytes"] >= 0
     table = invoke(TINY, "--batch-size", "4", *FAST)
     assert "latency" in table.stdout and "samples/s" in table.stdout and "peak memory" in table.stdout
+    assert "timed blocks" in table.stdout
 
 
 def test_compare_matrix_rows_and_tolerance_flags(monkeypatch):

@@ -13,7 +13,7 @@ from torchtool.core.inspect.tips import verdict
 def test_a_slow_call_is_timed_five_times_and_said_so():
     said = []
     timing = measure(lambda: time.sleep(0.02), torch.device("cpu"), 1, max_time=0.01, note=said.append)
-    assert timing.runs >= MIN_SAMPLES == 5
+    assert timing.runs >= timing.blocks == MIN_SAMPLES == 5
     assert timing.q1_s <= timing.median_s <= timing.q3_s and timing.median_s >= 0.02
     assert len(said) == 1 and "in --max-time 0.01: timing 5, about" in said[0]
 

@@ -26,8 +26,9 @@ class Timing:
     median_s: float
     q1_s: float
     q3_s: float
-    runs: int
+    runs: int  # calls timed, in all
     peak_bytes: int | None
+    blocks: int = 0  # the timed blocks the median and quartiles are taken over (at least MIN_SAMPLES)
 
     @property
     def iqr_s(self) -> float:
@@ -37,6 +38,7 @@ class Timing:
         """Milliseconds and samples/s (= batch size / median latency)."""
         return {"median_ms": self.median_s * 1e3, "iqr_ms": self.iqr_s * 1e3, "q1_ms": self.q1_s * 1e3,
                 "q3_ms": self.q3_s * 1e3, "samples_per_s": batch_size / self.median_s, "runs": self.runs,
+                "blocks": self.blocks,
                 "peak_memory_bytes": self.peak_bytes}
 
 
@@ -108,14 +110,15 @@ def measure(fn: Callable[[], Any], device: torch.device, threads: int, max_time:
         m = timer.adaptive_autorange(threshold=0.1, min_run_time=min(0.05, max_time), max_run_time=max_time)
         times = list(m.times)
         if len(times) < MIN_SAMPLES:
-            if note:
-                more = (MIN_SAMPLES - len(times)) * m.number_per_run * m.median
+            block = m.number_per_run * m.median
+            if note and MIN_SAMPLES * block > max_time:  # said only when it runs past the budget
+                more = (MIN_SAMPLES - len(times)) * block
                 note(f"{len(times)} timed block(s) of {m.number_per_run} call(s) in --max-time {max_time:g}: timing "
                      f"{MIN_SAMPLES}, about {more:.2g} s more, for a median and quartiles")
             times += [timer.timeit(m.number_per_run).median for _ in range(MIN_SAMPLES - len(times))]
     times.sort()
     q1, q3 = _quantile(times, 0.25), _quantile(times, 0.75)
-    return Timing(_quantile(times, 0.5), q1, q3, m.number_per_run * len(times), memory.peak)
+    return Timing(_quantile(times, 0.5), q1, q3, m.number_per_run * len(times), memory.peak, len(times))
 
 
 def busy_machine(threads: int) -> list[str]:

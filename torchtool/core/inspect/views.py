@@ -9,7 +9,8 @@ from torchtool.core.files import human_bytes
 
 def _latency(rec: dict[str, Any]) -> dict[str, str]:
     memory = rec["peak_memory_bytes"]
-    return {"latency": f"{rec['median_ms']:.4g} ms median (IQR {rec['iqr_ms']:.2g} ms, {rec['runs']} runs)",
+    return {"latency": f"{rec['median_ms']:.4g} ms median (IQR {rec['iqr_ms']:.2g} ms over {rec['blocks']} timed "
+                       f"blocks, {rec['runs']} runs)",
             "throughput": f"{rec['samples_per_s']:.1f} samples/s",
             "peak memory": "not measured" if memory is None else human_bytes(memory)}
 
