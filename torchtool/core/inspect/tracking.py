@@ -123,8 +123,9 @@ def available_memory() -> int | None:
         return None
 
 
-class OverBudget(Exception):
-    """The tensors alive passed :class:`LiveBytes`' ``limit``."""
+class OverBudget(BaseException):
+    """The tensors alive passed :class:`LiveBytes`' ``limit`` (a BaseException: a constructor's own
+    ``except Exception`` must not swallow it and build on)."""
 
 
 class LiveBytes(TorchDispatchMode):
