@@ -22,8 +22,8 @@ from torch.utils._pytree import tree_leaves
 
 from torchtool.core import output
 from torchtool.core.data.images import MAX_PIXELS, find_images
-from torchtool.core.files import check_writable
 from torchtool.core.env import cpu_model
+from torchtool.core.files import check_writable
 from torchtool.core.inspect.bounds import build_checked
 from torchtool.core.inspect.dataloader import bottleneck, sweep
 from torchtool.core.inspect.inputs import InputSpec, make_inputs, parse_input_size
@@ -159,8 +159,8 @@ def _profile(cfg: ProfileConfig, device: torch.device, source: Any, specs: list[
         with torch.no_grad():
             return model(*inputs)
 
-    say = (lambda what: output.info(f"timing {what}", cfg.quiet))
     note = (lambda what: output.info(what, cfg.quiet))
+    say = (lambda what: note(f"timing {what}"))
     say("the forward")
     timing = measure(forward, device, threads, cfg.max_time, note)
     report: dict[str, Any] = {
