@@ -19,9 +19,10 @@ def too_large(label: str, need: str, available: int, reason: str | None = None) 
     """The one line for a model whose weights (``need``, in words) exceed half of ``available``."""
     head = f"the forward of {label} cannot run on the meta device ({reason}), and its" if reason else \
         f"{label}:"
+    hint = ("make the model free of data-dependent steps (.item(), .tolist(), nonzero), or use a machine with more "
+            "memory") if reason else "use a machine with more memory, or a GPU (--device cuda)"
     return Failure(f"{head} weights ({need}) are too large for a real forward here ({human_bytes(available)} free)",
-                   hint="make the model free of data-dependent steps (.item(), .tolist(), nonzero), or use a "
-                        "machine with more memory")
+                   hint=hint)
 
 
 def weight_bytes(model: Any) -> int:
