@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torchtool.core.files import atomic_save
-from torchtool.core.output import Failure, UsageError
+from torchtool.core.output import Failure, UsageError, warn
 
 FORMAT = "torchtool.checkpoint/1"
 # Where common training scripts nest the weights inside a checkpoint dict.
@@ -49,18 +50,38 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise UsageError(f"no such file: {path}")
     if path.stat().st_size == 0:
         raise Failure(f"{path} is empty (0 bytes)", hint="a write of it was cut short; use another copy")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message goes on to explain how to load it anyway (weights_only=False): not advice to pass on
-        found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(exc))
-        raise Failure(
-            f"refusing to load {path}: it needs code to unpickle ({found.group(1) if found else 'not plain tensors'})",
-            hint="only tensors and plain types are loaded (weights_only=True); re-save the state_dict "
-            "with torch.save(model.state_dict(), path) or as .safetensors",
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise Failure(f"cannot read {path}: {exc}".splitlines()[0], hint="is it a PyTorch weights file?") from None
+    with warnings.catch_warnings(record=True) as said:  # torch's notes, said in our words below
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _refusal(path, str(exc), said) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            if any("TorchScript archive" in str(w.message) for w in said):
+                raise Failure(f"{path} is a TorchScript archive (torch.jit.save), not a weights file",
+                              hint="save the model's weights instead: torch.save(model.state_dict(), path), "
+                              "or as .safetensors") from None
+            raise Failure(f"cannot read {path}: {exc}".splitlines()[0], hint="is it a PyTorch weights file?") from None
+    for note in {str(w.message).splitlines()[0] for w in said if "pickle protocol" not in str(w.message)}:
+        warn(f"{path}: {note}")  # the pickle-protocol note is about a risk the load above did not meet
+    return state
+
+
+def _refusal(path: Path, message: str, said: list[warnings.WarningMessage]) -> Failure:
+    """Why the safe loader refused ``path``, in one line: newer pickle instructions, or code to run."""
+    protocol = next((re.search(r"pickle protocol (\d+)", str(w.message)) for w in said
+                     if "pickle protocol" in str(w.message)), None)
+    if protocol and "Unsupported operand" in message:
+        return Failure(f"{path} was saved with pickle protocol {protocol.group(1)}, which torch's safe loader "
+                       "(weights_only=True) cannot read", hint="re-save it with torch.save(state_dict, path) "
+                       "(the default protocol) or as .safetensors")
+    # torch's message goes on to explain how to load it anyway (weights_only=False): not advice to pass on
+    found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", message)
+    return Failure(
+        f"refusing to load {path}: it needs code to unpickle ({found.group(1) if found else 'not plain tensors'})",
+        hint="only tensors and plain types are loaded (weights_only=True); re-save the state_dict "
+        "with torch.save(model.state_dict(), path) or as .safetensors",
+    )
 
 
 def is_torchtool_checkpoint(obj: Any) -> bool:
