@@ -14,6 +14,16 @@ def _complete(choices):
     return lambda incomplete: [c for c in choices() if c.startswith(incomplete)]
 
 
+def complete_list(choices):
+    """Completion of a comma-separated list: the last item completed, the ones before kept (a,b,c)."""
+    def complete(incomplete: str) -> list[str]:
+        done, _, last = incomplete.rpartition(",")
+        prefix = f"{done}," if done else ""
+        return [prefix + c for c in choices() if c.startswith(last) and c not in done.split(",")]
+
+    return complete
+
+
 def _model_names() -> tuple[str, ...]:
     from torchtool.core.models.names import KNOWN_MODELS
 

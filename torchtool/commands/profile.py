@@ -7,14 +7,21 @@ import typer
 
 from torchtool.commands._options import (
     MAX_PIXELS, BatchSize, Device, Format, InputSize, Json, Kwargs, MaxPixels, ModelSpec, Overwrite, Quiet,
+    complete_list,
 )
 from torchtool.core import output
+
+
+def _tips() -> tuple[str, ...]:
+    from torchtool.core.inspect import TIPS
+
+    return TIPS
 
 
 def run(
     model: ModelSpec,
     script_args: Annotated[Optional[list[str]], typer.Argument(
-        metavar="[-- ARGS...]", show_default=False, help="With a script.py: its arguments, after --.")] = None,
+        metavar="ARGS", show_default=False, help="With a script.py: its arguments, after --.")] = None,
     kwargs: Kwargs = None,
     input_size: InputSize = None,
     batch_size: BatchSize = 1,
@@ -27,7 +34,7 @@ def run(
         "--compare", help="Measure the speed tips against the fp32 baseline, outputs checked; a tip is called "
         "faster or slower only when the speed-up's range from both quartiles excludes 1.")] = False,
     tips: Annotated[Optional[str], typer.Option(
-        metavar="LIST", show_default=False, help="With --compare, only these (comma-separated): channels_last, "
+        metavar="LIST", show_default=False, autocompletion=complete_list(_tips), help="With --compare, only these (comma-separated): channels_last, "
         "bf16, fp16, cudnn_benchmark, compile, inference_mode, fold_bn.")] = None,
     dataloader: Annotated[Optional[Path], typer.Option(
         metavar="DIR", show_default=False, help="Time loading this image folder over --workers, batch sizes and "

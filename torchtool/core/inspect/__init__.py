@@ -5,3 +5,6 @@
 - :mod:`~torchtool.core.inspect.graph`: the autograd graph as Graphviz DOT.
 - :mod:`~torchtool.core.inspect.summary`: :func:`summarize`, summary's one call.
 """
+
+# profile --compare's speed tips (here, light, so that tab completion offers them without importing torch)
+TIPS = ("channels_last", "bf16", "fp16", "cudnn_benchmark", "compile", "inference_mode", "fold_bn")

@@ -17,11 +17,10 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
+from torchtool.core.inspect import TIPS  # defined in the light package module, for tab completion
 from torchtool.core.inspect.timing import measure
 from torchtool.core.models.fuse import fold_batchnorm
 from torchtool.core.output import first_line
-
-TIPS = ("channels_last", "bf16", "fp16", "cudnn_benchmark", "compile", "inference_mode", "fold_bn")
 FP32_TOLERANCE = 1e-3  # a different kernel or summation order; TF32 convolutions on CUDA are the baseline's too
 HALF_TOLERANCE = 5e-2  # 8 (bf16) or 11 (fp16) bits of mantissa, through every layer
 
