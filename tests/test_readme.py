@@ -38,9 +38,10 @@ SMALL = {
     "extract-features": ["--image-size", "64", "--workers", "0", "--device", "cpu"],
     "finetune": ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"],
     "evaluate": ["--workers", "0", "--device", "cpu"],
-    # no torch.compile (a minute of g++ on 2 cores); loader sweeps of a few images
-    "profile": ["--device", "cpu", "--max-time", "0.05", "--tips", "channels_last,bf16,inference_mode,fold_bn",
-                "--dataloader-images", "8"],
+    # no torch.compile (a minute of g++ on 2 cores) nor bf16 (25x slower on a CPU without bf16 units, and every
+    # tip is timed at least 5 times); small batches and images; loader sweeps of a few images
+    "profile": ["--device", "cpu", "--max-time", "0.05", "--tips", "channels_last,inference_mode,fold_bn",
+                "--dataloader-images", "8", "--batch-size", "2", "--input-size", "3,64,64"],
 }
 
 

@@ -42,7 +42,7 @@ def test_demo_quick_runs_every_command_and_leaves_files_to_open(tmp_path):
     assert logits.shape == (n_photos, 10) and np.isfinite(logits).all()
     videos = sorted((out / "videos").iterdir())
     for video in videos:
-        assert len(list((out / "frames" / video.stem).glob("*.jpg"))) == 4  # TSN: 4 segments
+        assert len(list((out / "frames" / video.name).glob("*.jpg"))) == 4  # TSN: 4 segments, one folder a video
     # the report: the accuracy reached, where each output is, what to try next
     assert "best_val_acc" in result.stdout and str(run / "curves.png") in result.stdout
     assert "torchtool finetune YOUR_DATA/" in result.stdout

@@ -42,7 +42,7 @@ def test_dry_run_lists_and_changes_nothing(tmp_path, children, run_torchtool):
     mine = rows[(0, a.pid)]
     assert mine["action"] == "end" and mine["kind"] == "cuda" and mine["memory_bytes"] == 3 * 10 ** 9
     assert mine["user"] == __import__("pwd").getpwuid(os.geteuid()).pw_name
-    assert "time.sleep(120)" in mine["command"] and mine["started"].startswith(time.strftime("%Y-"))
+    assert "time.sleep(3600)" in mine["command"] and mine["started"].startswith(time.strftime("%Y-"))
     assert rows[(0, 1)]["reason"] == "PID 1 (init)" and rows[(0, os.getpid())]["reason"] == "a parent of torchtool"
     assert [r["reason"] for r in report["processes"] if r["action"] == "leave" and r["pid"] not in (1, os.getpid())
             ] == ["torchtool itself"]
