@@ -37,7 +37,8 @@ def run(
         metavar="LIST", show_default=False, autocompletion=complete_list(_tips), help="With --compare, only these (comma-separated): channels_last, "
         "bf16, fp16, cudnn_benchmark, compile, inference_mode, fold_bn.")] = None,
     dataloader: Annotated[Optional[Path], typer.Option(
-        metavar="DIR", show_default=False, help="Time loading this image folder over --workers, batch sizes and "
+        metavar="DIR", show_default=False, help="Time loading this image folder over loader worker counts (the --workers "
+        "of extract-features, evaluate and finetune), batch sizes and "
         "pin_memory, and say whether loading or the forward is the bottleneck.")] = None,
     dataloader_images: Annotated[int, typer.Option(
         metavar="N", min=1, help="Images per loader setting in the --dataloader sweep.")] = 256,
