@@ -143,7 +143,7 @@ def writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
 
 def _unwritable(folder: Path) -> str | None:
     """Why no file can be made in ``folder`` (or the nearest existing folder above it), else None."""
-    probe = _nearest_folder(folder)
+    probe = nearest_folder(folder)
     try:
         with tempfile.TemporaryFile(dir=probe):
             return None
@@ -294,7 +294,7 @@ def check_writable(path: str | os.PathLike, overwrite: bool, what: str = "output
     """
     path = Path(path).expanduser()
     shown = f"{what} {path}"
-    limit = _name_max(_nearest_folder(path.parent))
+    limit = _name_max(nearest_folder(path.parent))
     if len(os.fsencode(path.name)) > limit:
         raise UsageError(f"{shown}: file name too long ({len(os.fsencode(path.name))} bytes; the file system "
                          f"allows {limit})", hint="choose a shorter file name")
@@ -315,7 +315,7 @@ def check_writable(path: str | os.PathLike, overwrite: bool, what: str = "output
     return path
 
 
-def _nearest_folder(path: Path) -> Path:
+def nearest_folder(path: Path) -> Path:
     """``path`` or its nearest existing ancestor (what a later mkdir -p would start from)."""
     while not path.exists() and path != path.parent:
         path = path.parent

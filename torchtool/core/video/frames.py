@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from torchtool.core.files import atomic_write, atomic_write_text, writable_dir
+from torchtool.core.files import atomic_write, atomic_write_text, nearest_folder, writable_dir
 from torchtool.core.output import UsageError
 from torchtool.core.video.capture import cv2, frames_at
 
@@ -53,9 +53,7 @@ def check_folders(folders: Sequence[Path], what: str = "--extract-frames") -> No
     """Before any decoding: each folder is (or can become) a folder this process can write in."""
     probed: set[Path] = set()
     for folder in folders:
-        nearest = folder
-        while not nearest.exists() and nearest != nearest.parent:
-            nearest = nearest.parent
+        nearest = nearest_folder(folder)
         if nearest == folder or nearest not in probed:  # a file in the way is refused by writable_dir
             writable_dir(folder, what)
             probed.add(nearest)
