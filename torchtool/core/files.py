@@ -263,6 +263,14 @@ def _kind(path: Path) -> str:
     return "stream" if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) else "other"
 
 
+def is_stream(path: str | os.PathLike) -> bool:
+    """A character device or FIFO (/dev/stdout, a named pipe): written through, whatever its name."""
+    try:
+        return _kind(Path(path)) == "stream"
+    except OSError:
+        return False
+
+
 def _target(path: Path) -> Path:
     """Where a write to ``path`` lands: a symbolic link's final target (the link itself is never replaced)."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path

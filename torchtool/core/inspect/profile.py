@@ -11,8 +11,6 @@ oversubscribed machine is warned about (``warnings``), as it makes every figure 
 from __future__ import annotations
 
 import copy
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torchtool.core import output
 from torchtool.core.data.images import MAX_PIXELS, find_images
 from torchtool.core.env import cpu_model
-from torchtool.core.files import check_writable
+from torchtool.core.files import check_writable, is_stream
 from torchtool.core.inspect.bounds import build_checked
 from torchtool.core.inspect.dataloader import bottleneck, sweep
 from torchtool.core.inspect.inputs import InputSpec, make_inputs, parse_input_size
@@ -65,15 +63,6 @@ class ProfileConfig:
 def is_script(model: str) -> bool:
     """``profile script.py -- ARGS``: a Python file without ``:factory``."""
     return model.endswith(".py") and ":" not in model
-
-
-def is_stream(path: Path) -> bool:
-    """A character device or FIFO (/dev/stdout, a named pipe): written through, whatever its name."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 def _check(cfg: ProfileConfig) -> Path | None:
