@@ -30,11 +30,15 @@ _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "model_ema", "net")
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` with torch.save atomically (a crash mid-write keeps the old file)."""
+    atomic_save(path, lambda tmp: write_checkpoint(tmp, state))
+    return Path(path)
+
+
+def write_checkpoint(file: str | os.PathLike, state: dict[str, Any]) -> None:
+    """torch.save ``state`` as a torchtool checkpoint into ``file`` itself (a caller's atomic temporary)."""
     import torch
 
-    state = {"format": FORMAT, **state}
-    atomic_save(path, lambda tmp: torch.save(state, tmp))
-    return Path(path)
+    torch.save({"format": FORMAT, **state}, file)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from torchtool.core.data.folders import Splits
 from torchtool.core.env import run_versions
 from torchtool.core.files import atomic_path, atomic_write_text
-from torchtool.core.models.checkpoint import FORMAT, is_torchtool_checkpoint, load_checkpoint, save_checkpoint
+from torchtool.core.models.checkpoint import is_torchtool_checkpoint, load_checkpoint, save_checkpoint, write_checkpoint
 from torchtool.core.models.preprocess import Preprocess
 from torchtool.core.models.weights import WeightsChoice
 from torchtool.core.output import UsageError, info, to_json, warn
@@ -204,7 +203,7 @@ def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epo
     if source == "ema":  # the average did better: that checkpoint holds the average's weights
         kept.update(model=step.ema.module.state_dict(), weights_from="ema")
     with atomic_path(Best.path(run.out, at)) as tmp:  # written whole before the ones it beat move down
-        torch.save({"format": FORMAT, **kept}, tmp)
+        write_checkpoint(tmp, kept)
         for rank in range(len(best.ranked) - 1, at, -1):  # the ones it beat move down a place
             if Best.path(run.out, rank - 1).exists():
                 os.replace(Best.path(run.out, rank - 1), Best.path(run.out, rank))
