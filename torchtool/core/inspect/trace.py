@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import json
 import os
 import pstats
-import runpy
-import sys
-import json
 import re
+import runpy
 import shutil
+import sys
 import tempfile
 import traceback
 from pathlib import Path
