@@ -166,7 +166,7 @@ def _shown(summary: dict, relative: bool, table: bool) -> dict:
         return os.path.relpath(value) if relative and isinstance(value, str) and os.path.isabs(value) else value
 
     shown = {k: path(v) if k in PATH_KEYS else v for k, v in summary.items()}
-    return {k: v for k, v in shown.items() if not (table and v in (None, [], ""))} if table else shown
+    return {k: v for k, v in shown.items() if v not in (None, [], "")} if table else shown
 
 
 PATH_KEYS = ("out", "best", "kept", "last", "config", "metrics", "curves", "export", "tensorboard")
