@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from torchtool.core.output import Failure, UsageError
+from torchtool.core.output import Failure, TorchtoolError, UsageError
 
 WRITE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EFBIG: "file too large", errno.EROFS: "read-only file system",
@@ -135,22 +135,23 @@ def writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file", hint=f"give {what} a folder")
-    cause = _unwritable(path)
-    if cause:
-        raise Failure(f"cannot write to {what} {path}: {cause}", hint=f"choose a {what} you can write to")
+    error = _unwritable(path)
+    if error:
+        raise Failure(f"cannot write to {what} {path}: {error.message}", hint=f"choose a {what} you can write to")
     return path
 
 
-def _unwritable(folder: Path) -> str | None:
-    """Why no file can be made in ``folder`` (or the nearest existing folder above it), else None."""
+def _unwritable(folder: Path) -> TorchtoolError | None:
+    """Why no file can be made in ``folder`` (or the nearest existing folder above it), else None: a
+    UsageError when a file stands where a folder should be, a Failure when the folder refuses writes."""
     probe = nearest_folder(folder)
     try:
         with tempfile.TemporaryFile(dir=probe):
             return None
     except OSError as exc:
         if exc.errno == errno.ENOTDIR:
-            return f"{probe} is a file, not a folder"
-        return WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
+            return UsageError(f"{probe} is a file, not a folder")
+        return Failure(WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__))
 
 
 def reserve(fd: int, size: int, path: str | os.PathLike) -> bool:
@@ -316,10 +317,10 @@ def check_writable(path: str | os.PathLike, overwrite: bool, what: str = "output
         raise UsageError(f"{path} already exists", hint="pass --overwrite to replace it")
     if kind == "stream":
         return path
-    cause = _unwritable(target.parent)
-    if cause:
-        error = UsageError if "not a folder" in cause else Failure
-        raise error(f"cannot write {shown}: {cause}", hint=f"choose a {what} in a folder you can write to")
+    error = _unwritable(target.parent)
+    if error:
+        raise type(error)(f"cannot write {shown}: {error.message}",
+                          hint=f"choose a {what} in a folder you can write to")
     return path
 
 
