@@ -28,7 +28,9 @@ from torchtool.core.models.build import build_model, choose_weights
 from torchtool.core.models.fuse import fold_batchnorm
 from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line, info, progress, warn
 
-OUTPUTS = {"csv": "--csv", "confusion_csv": "--confusion-csv", "plot": "--plot", "predictions": "--save-predictions"}
+# each output: its key in the run, its option, its EvalConfig field
+OUTPUTS = {"csv": ("--csv", "csv"), "confusion_csv": ("--confusion-csv", "confusion_csv"), "plot": ("--plot", "plot"),
+           "predictions": ("--save-predictions", "save_predictions")}
 
 
 @dataclass
@@ -70,15 +72,14 @@ class Images:
 
 def _outputs(cfg: EvalConfig) -> dict[str, Path]:
     """Every output checked before any image is read: a run must not end in a file it cannot write."""
-    outs = {k: Path(v).expanduser() for k, v in (("csv", cfg.csv), ("confusion_csv", cfg.confusion_csv),
-                                                   ("plot", cfg.plot), ("predictions", cfg.save_predictions)) if v}
+    outs = {k: Path(getattr(cfg, field)).expanduser() for k, (_, field) in OUTPUTS.items() if getattr(cfg, field)}
     if "plot" in outs and outs["plot"].suffix.lower() != ".png":
         raise UsageError(f"--plot {cfg.plot} must end in .png")
     if len(set(outs.values())) < len(outs):
-        raise UsageError("two outputs are the same file", hint="give --csv, --confusion-csv, --plot and "
-                         "--save-predictions different paths")
+        raise UsageError("two outputs are the same file",
+                         hint=f"give {', '.join(o for o, _ in OUTPUTS.values())} different paths")
     for key, path in outs.items():
-        check_writable(path, cfg.overwrite, what=OUTPUTS[key])
+        check_writable(path, cfg.overwrite, what=OUTPUTS[key][0])
         if not path.parent.is_dir():
             raise UsageError(f"no such directory for {path}", hint="create the folder first")
     return outs

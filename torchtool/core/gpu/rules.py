@@ -27,6 +27,8 @@ DISPLAY_SERVERS = ("Xorg", "X", "Xwayland", "gnome-shell", "kwin_wayland", "kwin
 # NVML readers: they hold /dev/nvidiaN (keeping the GPU awake) but no memory; ended only with --include-control
 MONITORS = ("nvidia-smi", "nvtop", "nvitop", "gpustat", "nvidia-settings", "gmonitor")
 COMM_LEN = 15  # /proc/PID/comm keeps the first 15 bytes of the executable's name
+_DISPLAY_COMMS = frozenset(d[:COMM_LEN] for d in DISPLAY_SERVERS)  # the names as /proc shows them
+_MONITOR_COMMS = frozenset(m[:COMM_LEN] for m in MONITORS)
 
 
 def system_process(name: str | None) -> str | None:
@@ -34,7 +36,7 @@ def system_process(name: str | None) -> str | None:
     for daemon, what in SYSTEM_DAEMONS.items():
         if name == daemon[:COMM_LEN]:
             return f"{what} ({daemon}): a system daemon, never ended"
-    if name in {d[:COMM_LEN] for d in DISPLAY_SERVERS}:
+    if name in _DISPLAY_COMMS:
         return f"a display server or desktop shell ({name}): never ended"
     return None
 
@@ -69,7 +71,7 @@ class Rules:
         system = system_process(name)
         if system:
             return system
-        if name in {m[:COMM_LEN] for m in MONITORS} and not self.include_control:
+        if name in _MONITOR_COMMS and not self.include_control:
             return f"a GPU monitor ({name}): pass --include-control to end it"
         uid = owner(h.pid)
         if uid is None:
