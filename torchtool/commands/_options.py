@@ -64,6 +64,28 @@ FastDecodeTrain = Annotated[bool, typer.Option(
     "validation, the resize): less decoding CPU for large photos; not pixel-exact.")]
 MIN_IMAGE_SIZE = 8  # pixels: the smallest crop a command accepts
 
+# preprocessing: one group, the same names and meaning in every command that reads images for a model
+PREPROCESSING = "Preprocessing"
+ImageSize = Annotated[Optional[int], typer.Option(
+    "--image-size", min=MIN_IMAGE_SIZE, show_default=False, rich_help_panel=PREPROCESSING,
+    help="Crop size (default: the checkpoint's or the weights' own, e.g. 224).")]
+Resize = Annotated[Optional[int], typer.Option(
+    "--resize", min=MIN_IMAGE_SIZE, show_default=False, rich_help_panel=PREPROCESSING,
+    help="Resize the short side to N before the center crop (default: the weights' ratio, e.g. 256 for 224).")]
+CropPct = Annotated[Optional[float], typer.Option(
+    "--crop-pct", min=0, max=1, metavar="P", show_default=False, rich_help_panel=PREPROCESSING,
+    help="Resize the short side to crop / P before the center crop: P is the share of it the crop keeps (timm's crop_pct; "
+    "1.0: resize straight to the crop).")]
+Interpolation = Annotated[Optional[Literal["bilinear", "bicubic", "nearest"]], typer.Option(
+    "--interpolation", show_default=False, rich_help_panel=PREPROCESSING,
+    help="Resampling of the resize (default: the weights').")]
+Mean = Annotated[Optional[str], typer.Option(
+    "--mean", metavar="R,G,B", show_default=False, rich_help_panel=PREPROCESSING,
+    help="Normalisation mean per channel (default: the weights', e.g. ImageNet's 0.485,0.456,0.406).")]
+Std = Annotated[Optional[str], typer.Option(
+    "--std", metavar="R,G,B", show_default=False, rich_help_panel=PREPROCESSING,
+    help="Normalisation standard deviation per channel (default: the weights').")]
+
 Weights = Annotated[
     str,
     typer.Option("--weights", "-w", help="DEFAULT (pretrained, cached under TORCH_HOME), a weights name such as "

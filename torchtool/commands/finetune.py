@@ -6,9 +6,9 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, MIN_IMAGE_SIZE, TRAIN_BATCH, Amp, BatchSize, Device,
-                                         FastDecodeTrain, Format, Json, MaxPixels, ModelName, OverwriteRun, Quiet,
-                                         Seed, Strict, Weights, Workers, given_options)
+from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, TRAIN_BATCH, Amp, BatchSize, CropPct, Device,
+                                         FastDecodeTrain, Format, ImageSize, Interpolation, Json, MaxPixels, ModelName,
+                                         OverwriteRun, Quiet, Seed, Strict, Weights, Workers, given_options)
 from torchtool.core import output
 
 Recipe = "Recipes"
@@ -36,14 +36,9 @@ def run(
     epochs: Annotated[int, typer.Option(min=1, help="Epochs to train.")] = 10,
     batch_size: BatchSize = TRAIN_BATCH,
     workers: Workers = DEFAULT_WORKERS,
-    image_size: Annotated[Optional[int], typer.Option(min=MIN_IMAGE_SIZE, help="Crop size (default: the weights' own, e.g. 224); "
-                                                      "validation resizes (see --crop-pct), then center-crops.")] = None,
-    crop_pct: Annotated[Optional[float], typer.Option(min=0, max=1, metavar="P", help="The share of the resized short "
-                                                      "side the center crop keeps (validation, --augment none; stored "
-                                                      "for evaluate and extract-features). Default: the weights' ratio, "
-                                                      "e.g. 224/256; 1.0: resize straight to the crop.")] = None,
-    interpolation: Annotated[Optional[Literal["bilinear", "bicubic", "nearest"]], typer.Option(
-        help="Resampling of every resize and crop (default: the weights').", show_default=False)] = None,
+    image_size: ImageSize = None,
+    crop_pct: CropPct = None,
+    interpolation: Interpolation = None,
     augment: Annotated[Literal["standard", "light", "none", "randaugment", "trivialaugment", "autoaugment"], typer.Option(
         help="standard: RandomResizedCrop 0.08-1 + flip; light: RandomResizedCrop 0.6-1, no flip (small or "
         "orientation-sensitive images); randaugment, trivialaugment, autoaugment: standard + that torchvision policy; "

@@ -14,6 +14,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
+def parse_channels(text: str | None, what: str) -> tuple[float, ...] | None:
+    """``--mean 0.5,0.5,0.5`` -> (0.5, 0.5, 0.5); one value stands for all three channels; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{what} {text!r}: expected three numbers, R,G,B (e.g. 0.5,0.5,0.5)")
+    if what == "--std" and min(values) <= 0:
+        raise UsageError(f"--std {text!r}: every value must be above 0")
+    return values
+
+
 def check_crop_pct(crop_pct: float | None) -> None:
     """``--crop-pct`` is a share of the resized image: in (0, 1]."""
     if crop_pct is not None and not 0 < crop_pct <= 1:
@@ -40,12 +57,15 @@ class Preprocess:
                    data.get("interpolation", "bilinear"))
 
     def resized(self, image_size: int | None = None, resize: int | None = None, *, crop_pct: float | None = None,
-                interpolation: str | None = None) -> Preprocess:
+                interpolation: str | None = None, mean: tuple[float, ...] | None = None,
+                std: tuple[float, ...] | None = None) -> Preprocess:
         """Override the crop (``--image-size``) and the resize: ``--resize`` pixels, else the crop over
         ``crop_pct`` (the fraction of the resized short side the center crop keeps, timm's crop_pct),
-        else the weights' own ratio; and the ``interpolation`` of both resizes."""
+        else the weights' own ratio; the ``interpolation`` of both resizes; the normalisation."""
         crop = image_size or self.crop_size
         check_crop_pct(crop_pct)
+        if resize is not None and crop_pct is not None:
+            raise UsageError("give --resize or --crop-pct, not both", hint="--crop-pct P resizes to crop / P")
         if resize is None and crop_pct is not None:
             resize = math.floor(crop / crop_pct + 1e-6)
         if resize is None:
@@ -54,7 +74,17 @@ class Preprocess:
             raise UsageError(f"--resize {resize} is smaller than the crop {crop}")
         if interpolation is not None and interpolation not in INTERPOLATIONS:
             raise UsageError(f"unknown interpolation {interpolation!r}", hint=f"choose from: {', '.join(INTERPOLATIONS)}")
-        return Preprocess(crop, resize, self.mean, self.std, interpolation or self.interpolation)
+        return Preprocess(crop, resize, tuple(mean or self.mean), tuple(std or self.std),
+                          interpolation or self.interpolation)
+
+    def changes(self, other: Preprocess) -> str:
+        """What ``other`` changes, e.g. ``crop_size 224 -> 32, resize_size 256 -> 32`` ("" when nothing)."""
+        old, new = self.to_dict(), other.to_dict()
+        return ", ".join(f"{k} {_shown(old[k])} -> {_shown(new[k])}" for k in old if old[k] != new[k])
+
+
+def _shown(value: Any) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
 
 
 def preprocess_for(arch: str, weights: Any = None) -> Preprocess:
