@@ -76,3 +76,66 @@ def ffprobe(path: Path, entries: str, *extra: str) -> str:
     out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", *extra, "-show_entries", entries,
                           "-of", "default=nw=1:nk=1", str(path)], check=True, capture_output=True, text=True)
     return out.stdout.split()[0] if out.stdout.split() else ""
+
+
+# --- natural-looking footage: a slow pan and zoom over one of scikit-learn's photographs ----------
+
+
+def _photo_bgr(name: str) -> np.ndarray:
+    from sklearn.datasets import load_sample_image
+
+    return np.ascontiguousarray(load_sample_image(name)[:, :, ::-1])  # RGB -> BGR, as VideoWriter takes it
+
+
+_PHOTOS: dict[str, np.ndarray] = {}
+
+
+def scene(i: int, size: tuple[int, int] = (64, 48), photo: str = "china.jpg", stamp: bool = True) -> np.ndarray:
+    """Frame ``i`` (BGR) of a pan and zoom over ``photo`` (china.jpg or flower.jpg), so codecs see real texture
+    and motion and neighbouring frames give different features; ``stamp`` draws :func:`frame`'s index blocks
+    into the bottom 16 rows (:func:`read_index` reads them back)."""
+    import math
+
+    import cv2
+
+    src = _PHOTOS.setdefault(photo, _photo_bgr(photo))
+    (big_h, big_w), (width, height) = src.shape[:2], size
+    zoom = 0.55 + 0.35 * (1 + math.cos(i / 40)) / 2  # the share of the photo's height in view
+    w = min(big_w, int(big_h * zoom * width / height))
+    h = int(w * height / width)
+    x = int((big_w - w) * (1 + math.sin(i / 25)) / 2)
+    y = int((big_h - h) * (1 + math.sin(i / 33 + 1)) / 2)
+    image = cv2.resize(src[y:y + h, x:x + w], size, interpolation=cv2.INTER_AREA)
+    if stamp:
+        image[-16:] = frame(i, size)[-16:]
+    return image
+
+
+def write_scene_video(path: Path, frames: int, fourcc: str = "mp4v", size: tuple[int, int] = (64, 48),
+                      fps: float = 25.0, photo: str = "china.jpg", stamp: bool = True) -> Path:
+    """``frames`` frames of :func:`scene` written with OpenCV's ``fourcc`` (mp4v .mp4, MJPG/XVID .avi,
+    XVID .mkv, VP80 .webm are the ones this OpenCV writes)."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+    assert writer.isOpened(), f"OpenCV cannot write {path} with {fourcc}"
+    for i in range(frames):
+        writer.write(scene(i, size, photo, stamp))
+    writer.release()
+    return path
+
+
+def decode_all(path: Path) -> list[np.ndarray]:
+    """Every frame OpenCV decodes reading ``path`` front to back (RGB): the reference for seeks."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        frames.append(np.ascontiguousarray(image[:, :, ::-1]))
+    cap.release()
+    return frames
