@@ -45,16 +45,18 @@ def test_numbers_equal_sklearns_classification_report():
 def test_spreadsheet_layout_and_confused_classes_by_hand():
     text = report_csv(build_report(Predictions(CLASSES, LABELS, PREDS)))
     assert text.splitlines() == [
-        "class,label,support,precision,recall,f1,confused_1,confused_2,confused_3,confused_4,confused_5",
-        # cat: 2 right; 1 taken for dog, 1 for fox (a tie: label order)
-        "cat,0,4,0.4000,0.5000,0.4444,dog:1,fox:1,,,",
-        "dog,1,3,0.5000,0.6667,0.5714,cat:1,,,,",
+        "class,label,support,precision,recall,f1,auc,ap,confused_1,confused_2,confused_3,confused_4,confused_5",
+        # cat: 2 right; 1 taken for dog, 1 for fox (a tie: label order); no scores: no auc/ap
+        "cat,0,4,0.4000,0.5000,0.4444,,,dog:1,fox:1,,,",
+        "dog,1,3,0.5000,0.6667,0.5714,,,cat:1,,,,",
         # fox: 2 right; one each for cat, dog, ghost (never its own column, never itself)
-        "fox,2,5,0.4000,0.4000,0.4000,cat:1,dog:1,ghost:1,,",
-        "ghost,3,0,0.0000,0.0000,0.0000,,,,,",
-        "never,4,3,0.0000,0.0000,0.0000,fox:2,cat:1,,,",  # counts first, then label order
-        "All,,15,0.4000,0.4000,0.4000,,,,,",
-        "Macro,,15,0.2600,0.3133,0.2832,,,,,",
+        "fox,2,5,0.4000,0.4000,0.4000,,,cat:1,dog:1,ghost:1,,",
+        "ghost,3,0,0.0000,0.0000,0.0000,,,,,,,",
+        "never,4,3,0.0000,0.0000,0.0000,,,fox:2,cat:1,,,",  # counts first, then label order
+        "All,,15,0.4000,0.4000,0.4000,,,,,,,",
+        "Macro,,15,0.2600,0.3133,0.2832,,,,,,,",
+        # by support: precision (4x0.4 + 3x0.5 + 5x0.4) / 15, F1 (4x4/9 + 3x4/7 + 5x0.4) / 15
+        "Weighted,,15,0.3400,0.4000,0.3661,,,,,,,",
     ]
 
 

@@ -1,4 +1,4 @@
-"""Prediction files: ``--save-predictions`` writes them, ``--predictions`` reads them (``-``: stdin).
+"""Predictions and their files: ``--save-predictions`` writes them, ``--predictions`` reads them (``-``: stdin).
 
 Columns ``label,prediction`` (class names or indices), optional ``score`` (the predicted
 class's probability, for the calibration error; ``nan`` when unknown) and ``path``; other
@@ -6,6 +6,9 @@ columns are ignored. torchtool's own files add ``classes``: the class names in l
 a JSON list, in the first row only. With it a file reads back exactly as it was written (a
 class with no image, names such as ``01``, `` cat`` or ``10``); a file without it (another
 tool's, an older torchtool's) reads as before: stripped names, sorted, or indices 0..max.
+
+Every class's score (what AUC/AP, the loss and top-k need) travels in a companion file beside
+the CSV, ``preds.csv`` -> ``preds.scores.npy``: float32 [N, C], rows in the CSV's order.
 """
 
 from __future__ import annotations
@@ -15,19 +18,50 @@ import io
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from torchtool.core.evaluate.report import Predictions
-from torchtool.core.files import atomic_write_text
+from torchtool.core.files import atomic_write, atomic_write_text, is_stream
 from torchtool.core.output import UsageError
 
 COLUMNS = ("path", "label", "prediction", "score", "classes")
+SCORE_TOLERANCE = 1e-6  # a 6-decimal score against its float32 probability in the companion
 
 
-def write_predictions(path: str | os.PathLike, preds: Predictions) -> None:
-    """``path,label,prediction,score,classes`` per image, class names; scores with 6 decimals (what evaluate uses)."""
+@dataclass
+class Predictions:
+    """One prediction per image: label and prediction as class indices into ``classes``."""
+
+    classes: list[str]
+    labels: np.ndarray
+    predictions: np.ndarray
+    scores: np.ndarray | None = None  # the predicted class's softmax probability
+    paths: list[str] | None = None
+    probs: np.ndarray | None = None  # [N, C] float32 softmax scores, row i = image i
+
+
+def scores_path(path: str | os.PathLike) -> Path:
+    """The companion of a prediction CSV that holds every class's score: ``preds.csv`` -> ``preds.scores.npy``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem if path.suffix.lower() == '.csv' else path.name}.scores.npy")
+
+
+def write_predictions(path: str | os.PathLike, preds: Predictions, all_scores: bool = False) -> Path | None:
+    """``path,label,prediction,score,classes`` per image, class names; scores with 6 decimals (what evaluate uses).
+
+    ``all_scores`` (and ``preds.probs``): every class's score too, in :func:`scores_path`, written
+    first so a reader never finds the CSV without it. Returns the companion's path when written.
+    """
+    companion = None
+    if all_scores and preds.probs is not None:
+        if is_stream(path):
+            raise UsageError(f"{path} is not a file: the scores of every class need a file beside it",
+                             hint="save the predictions to a file")
+        companion = scores_path(path)
+        with atomic_write(companion, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(preds.probs, dtype=np.float32), allow_pickle=False)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
@@ -37,6 +71,7 @@ def write_predictions(path: str | os.PathLike, preds: Predictions) -> None:
     for i, (where, y, p, s) in enumerate(zip(paths, preds.labels, preds.predictions, scores)):
         writer.writerow([where, names[y], names[p], "" if s is None else f"{s:.6f}", "" if i else stored])
     atomic_write_text(path, buf.getvalue(), errors="surrogateescape")
+    return companion
 
 
 def read_class_names(spec: str) -> list[str]:
@@ -80,7 +115,7 @@ def _stored_classes(cell: str | None, where: str) -> list[str]:
 
 def read_predictions(source: str, classes: list[str] | None = None) -> Predictions:
     """Read a prediction CSV; class names are ``classes`` when given, else the file's own ``classes``
-    list, else sorted names (or indices 0..max)."""
+    list, else sorted names (or indices 0..max). Its companion ``.scores.npy``, when beside it, gives ``probs``."""
     where = "stdin" if source == "-" else source
     reader = csv.DictReader(io.StringIO(_read_text(source)))
     found = [c.strip() for c in reader.fieldnames or []]
@@ -119,7 +154,38 @@ def read_predictions(source: str, classes: list[str] | None = None) -> Predictio
         codes.append(np.array([lookup[v] for v in col_values], dtype=np.int64))
     scores = _scores(rows, where) if "score" in found else None
     paths = [r.get("path") or "" for r in rows] if "path" in found else None
-    return Predictions(classes, codes[0], codes[1], scores, paths)
+    preds = Predictions(classes, codes[0], codes[1], scores, paths)
+    companion = None if source == "-" else scores_path(Path(source).expanduser())
+    if companion is not None and companion.is_file():
+        preds.probs = _read_probs(companion, preds, where)
+    return preds
+
+
+def _read_probs(companion: Path, preds: Predictions, where: str) -> np.ndarray:
+    """The companion's [N, C] scores, checked against the CSV: shape, values, and each row's own score."""
+    hint = f"{companion.name} must be the file written with {Path(where).name}; move it away to read the CSV alone"
+    try:
+        probs = np.load(companion, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{companion} is not a .npy array of scores: {exc}", hint=hint) from None
+    n, c = len(preds.labels), len(preds.classes)
+    if probs.shape != (n, c) or probs.dtype.kind != "f":
+        raise UsageError(f"{companion} holds {probs.dtype} scores of shape {list(probs.shape)}, but {where} has "
+                         f"{n} predictions of {c} classes", hint=hint)
+    probs = probs.astype(np.float32, copy=False)
+    bad = ~(np.isfinite(probs) & (probs >= 0) & (probs <= 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise UsageError(f"{companion}: row {row + 1} holds a score that is not a probability between 0 and 1",
+                         hint=hint)
+    if preds.scores is not None:  # a stale companion of the same shape must not pass for this file's
+        own = probs[np.arange(n), preds.predictions].astype(np.float64)
+        off = np.abs(own - preds.scores) > SCORE_TOLERANCE  # NaN (unknown) scores compare False: not checked
+        if off.any():
+            row = int(np.flatnonzero(off)[0])
+            raise UsageError(f"{companion} does not belong to {where}: line {row + 2}'s score {preds.scores[row]:.6f} "
+                             f"is not its predicted class's score there ({own[row]:.6f})", hint=hint)
+    return probs
 
 
 def _scores(rows: list[dict[str, str]], where: str) -> np.ndarray:
