@@ -52,7 +52,7 @@ def test_a_val_split_checkpoint_alone_gives_the_report_and_its_files(val_split_r
     data, ckpt = val_split_run
     files = {"--csv": tmp_path / "report.csv", "--confusion-csv": tmp_path / "cm.csv", "--plot": tmp_path / "cm.png",
              "--save-predictions": tmp_path / "pred.csv"}
-    result = invoke("evaluate", ckpt, *[x for kv in files.items() for x in kv], "--json", *FAST)
+    result = invoke("evaluate", ckpt, *[x for kv in files.items() for x in kv], "--scores", "all", "--json", *FAST)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     stored = load_checkpoint(ckpt)
@@ -63,7 +63,7 @@ def test_a_val_split_checkpoint_alone_gives_the_report_and_its_files(val_split_r
     assert set(report["top_k"]) == {"top1", "top3"}  # --topk 1,5 capped at the 3 classes
     assert report["top_k"]["top3"] == 1.0 and report["top_k"]["top1"] == report["accuracy"]
     rows = list(csv.DictReader(files["--csv"].open()))
-    assert [r["class"] for r in rows] == ["0", "1", "2", "All", "Macro"]
+    assert [r["class"] for r in rows] == ["0", "1", "2", "All", "Macro", "Weighted"]
     assert sum(int(r["support"]) for r in rows[:3]) == 13 and rows[3]["support"] == "13"
     assert rows[3]["precision"] == f"{report['accuracy']:.4f}"
     predicted = list(csv.DictReader(files["--save-predictions"].open()))
@@ -72,21 +72,29 @@ def test_a_val_split_checkpoint_alone_gives_the_report_and_its_files(val_split_r
     assert [sum(r) for r in matrix] == [int(r["support"]) for r in rows[:3]]
     assert files["--plot"].read_bytes()[:4] == b"\x89PNG"
 
-    # the saved predictions give the same spreadsheet byte for byte, with no model at all
+    # the saved predictions (with every class's score beside them) give the same spreadsheet byte for byte,
+    # and every figure of the report, with no model at all
+    assert (tmp_path / "pred.scores.npy").is_file()
     again = invoke("evaluate", "--predictions", files["--save-predictions"], "--csv", tmp_path / "again.csv", "--json")
     assert again.exit_code == 0, again.output
     assert (tmp_path / "again.csv").read_bytes() == files["--csv"].read_bytes()
     other = json.loads(again.stdout)
-    for key in ("accuracy", "balanced_accuracy", "ece", "averages", "per_class", "confusion_matrix"):
+    for key in ("accuracy", "top_k", "balanced_accuracy", "ece", "loss", "averages", "per_class", "ranking",
+                "calibration", "confusion_matrix"):
         assert other[key] == report[key], key
-    # and from stdin
+    assert report["loss"] > 0 and report["ranking"]["macro"]["auc"] is not None
+    # stdin has no companion: the same report without the figures that need every class's score
     piped = runner.invoke(app, ["evaluate", "--predictions", "-", "--format", "csv"],
                           input=files["--save-predictions"].read_text())
-    assert piped.exit_code == 0 and piped.stdout == files["--csv"].read_text()
+    assert piped.exit_code == 0, piped.output
+    without = list(csv.DictReader(piped.stdout.splitlines()))
+    assert all(r["auc"] == r["ap"] == "" for r in without)
+    assert [{k: v for k, v in r.items() if k not in ("auc", "ap")} for r in without] == \
+        [{k: v for k, v in r.items() if k not in ("auc", "ap")} for r in rows]
     lines = invoke("evaluate", "--predictions", files["--save-predictions"], "--format", "jsonl").stdout.splitlines()
     first = json.loads(lines[0])  # numbers stay numbers in JSON Lines
     assert first["precision"] == round(report["per_class"][0]["precision"], 4) and isinstance(first["support"], int)
-    assert [json.loads(line)["class"] for line in lines[-2:]] == ["All", "Macro"]
+    assert [json.loads(line)["class"] for line in lines[-3:]] == ["All", "Macro", "Weighted"]
     # outputs are never replaced without --overwrite
     refused = invoke("evaluate", ckpt, "--csv", files["--csv"], *FAST)
     assert refused.exit_code == 2 and "already exists" in refused.stderr
@@ -268,20 +276,26 @@ def test_non_finite_outputs_are_a_failure_not_a_report(plain_model, tmp_path):
 
 def test_saved_predictions_give_the_same_report_with_awkward_class_names(plain_model, tmp_path):
     data, weights, _ = plain_model
-    first = plain(weights, data, "--json", "--csv", tmp_path / "a.csv", "--save-predictions", tmp_path / "p.csv")
+    first = plain(weights, data, "--json", "--csv", tmp_path / "a.csv", "--save-predictions", tmp_path / "p.csv",
+                  "--scores", "all")
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
     assert report["class_names"] == [" 2", "01", "10", "3"] and report["images"] == 6
     again = invoke("evaluate", "--predictions", tmp_path / "p.csv", "--json", "--csv", tmp_path / "b.csv")
-    assert again.exit_code == 0 and again.stderr == "", again.output
+    assert again.exit_code == 0, again.output
+    # class '3' has no image: said once, in our words
+    assert again.stderr == "torchtool: 1 class has no positive image: left out of the AUC/AP averages\n"
     assert (tmp_path / "b.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
     back = json.loads(again.stdout)
-    for key in ("class_names", "accuracy", "balanced_accuracy", "ece", "averages", "per_class", "confusion_matrix"):
+    for key in ("class_names", "accuracy", "top_k", "balanced_accuracy", "ece", "loss", "averages", "per_class",
+                "ranking", "calibration", "confusion_matrix"):
         assert back[key] == report[key], key
-    # Excel's "CSV UTF-8" (a BOM first) on stdin reads the same
-    piped = runner.invoke(app, ["evaluate", "--predictions", "-", "--format", "csv"],
+    # Excel's "CSV UTF-8" (a BOM first) on stdin reads the same (stdin has no companion: no auc/ap)
+    piped = runner.invoke(app, ["evaluate", "--predictions", "-", "--format", "csv", "--quiet"],
                           input=b"\xef\xbb\xbf" + (tmp_path / "p.csv").read_bytes())
-    assert piped.exit_code == 0 and piped.stdout == (tmp_path / "a.csv").read_text()
+    assert piped.exit_code == 0, piped.output
+    assert [r[:6] for r in csv.reader(piped.stdout.splitlines())] == \
+        [r[:6] for r in csv.reader((tmp_path / "a.csv").read_text().splitlines())]
 
 
 @pytest.mark.parametrize("flag", ["--csv", "--confusion-csv", "--plot", "--save-predictions"])
@@ -343,12 +357,12 @@ def test_the_plot_never_costs_the_report(tmp_path, monkeypatch):
     assert drawn.exit_code == 0 and drawn.stderr == "", drawn.output
     assert (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG" and json.loads(drawn.stdout)["images"] == 3
 
-    from torchtool.core.evaluate import run
+    from torchtool.core.evaluate import outputs
 
     def broken(report, path):
         raise RuntimeError("matplotlib gave up\nline two of its message")
 
-    monkeypatch.setattr(run, "plot_confusion", broken)
+    monkeypatch.setattr(outputs, "plot_confusion", broken)
     for f in (tmp_path / "cm.png", tmp_path / "p.csv", tmp_path / "r.csv"):
         f.unlink()
     failed = invoke("evaluate", "--predictions", source, *outs, "--json")
