@@ -141,7 +141,7 @@ def _calibration_figure(report: dict[str, Any]) -> Any:
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.legend(loc="upper left", fontsize=8, frameon=False)
+    top.legend(loc="upper left", fontsize=8, framealpha=0.9)
     ece = report.get("ece")
     top.set_title("reliability diagram" + ("" if ece is None else f" (ECE = {ece:.4f})"))
     bottom.bar(lo, count, width, align="edge", color="#9d9d9d", edgecolor="white", gid="count")
