@@ -149,13 +149,13 @@ def _render(report: dict, fmt: str) -> None:
         return
     output.emit(summary_lines(report) | {"skipped": len(report["skipped"])}, fmt)
     comparison = report.get("comparison")
-    if comparison:
+    if comparison:  # which model is A and B, the right/wrong pairs and McNemar's p; then the deltas per class
         a, b = comparison["names"]
-        output.emit(compare_rows(comparison), fmt, title=f"A: {a}  B: {b}  (deltas: B - A)")
         test = comparison["mcnemar"]
-        output.emit({"images": comparison["images"], "both_right": test["both_right"], "a_only_right": test["a_only"],
-                     "b_only_right": test["b_only"], "both_wrong": test["both_wrong"],
+        output.emit({"a": a, "b": b, "images": comparison["images"], "both_right": test["both_right"],
+                     "a_only_right": test["a_only"], "b_only_right": test["b_only"], "both_wrong": test["both_wrong"],
                      "mcnemar_p": float(f"{test['p_value']:.4g}")}, fmt)
+        output.emit(compare_rows(comparison), fmt, title=f"A: {a}, B: {b} (deltas: B - A)")
 
 
 def _names(value: Optional[str]) -> Optional[list[str]]:
