@@ -1,7 +1,8 @@
 """The extract-features run: inputs -> model -> layers -> .npy files row by row, resumable; --list-layers.
 
-Under torchrun every process takes every ``world_size``-th pending row and writes its
-rows into the same files; rank 0 writes index.csv and meta.json at the end.
+The inputs are images (one row each) or videos (their sampled frames: features.videos). Under
+torchrun every process takes every ``world_size``-th pending image or video and writes its rows
+into the same files; rank 0 writes index.csv and meta.json at the end.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from torchtool.core import infer, runtime
 from torchtool.core.env import run_versions
-from torchtool.core.data.images import MAX_PIXELS, find_images
+from torchtool.core.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, is_image_name
+from torchtool.core.features import videos as vids
 from torchtool.core.features.extractor import FeatureExtractor
 from torchtool.core.features.layers import LayerCatalog
 from torchtool.core.features.pooling import POOLS
-from torchtool.core.features.store import FeatureStore, prepare_output
-from torchtool.core.files import atomic_write_text, run_lock, writable_dir
+from torchtool.core.features.store import OFFSETS, PENDING, FeatureStore, prepare_output
+from torchtool.core.files import atomic_write, atomic_write_text, find_inputs, run_lock, writable_dir
 from torchtool.core.models.build import build_model, choose_weights
+from torchtool.core.models.preprocess import parse_channels
 from torchtool.core.output import Failure, UsageError, info, progress, to_json, warn
+from torchtool.core.video.inputs import VIDEO_EXTENSIONS, is_video_name
 
 
 @dataclass
@@ -48,6 +53,17 @@ class ExtractConfig:
     fast_decode: bool = False  # JPEGs decoded at a reduced DCT scale (data.images.load_image)
     image_size: int | None = None
     resize: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: str | None = None  # "R,G,B"
+    std: str | None = None
+    # videos (features.videos.Sampling): one of segments / fps / every; None each: --segments 8
+    segments: int | None = None
+    mode: str = "test"
+    fps: float | None = None
+    every: int | None = None
+    max_frames: int | None = None
+    pool_frames: str = "none"
     overwrite: bool = False
     strict: bool = False
     max_pixels: int = MAX_PIXELS
@@ -77,6 +93,35 @@ def split_layers(specs: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def find_inputs_of_one_kind(paths: list[str], list_file: str | None) -> tuple[str, list[Path]]:
+    """The inputs in order, and what they are: "images" or "videos" (by extension; never both)."""
+    found = [p for p, _ in find_inputs(paths, list_file, lambda n: is_image_name(n) or is_video_name(n),
+                                       "images or videos", IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
+    videos = [p for p in found if is_video_name(p)]
+    if videos and len(videos) < len(found):
+        image = next(p for p in found if not is_video_name(p))
+        raise UsageError(f"the inputs mix images and videos ({image}, {videos[0]})",
+                         hint="extract them in separate runs, each with its own --out")
+    return ("videos" if videos else "images"), found
+
+
+def _sampling(cfg: ExtractConfig, kind: str, dist: runtime.Dist) -> vids.Sampling | None:
+    """The videos' sampling, checked; None for images (a video option with images is refused)."""
+    if kind == "images":
+        given = [o for o, v in (("--segments", cfg.segments), ("--fps", cfg.fps), ("--every", cfg.every),
+                                ("--max-frames", cfg.max_frames), ("--mode", cfg.mode != "test" or None),
+                                ("--pool-frames", cfg.pool_frames != "none" or None)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} applies to videos, and the inputs are images")
+        return None
+    sampling, default = vids.sampling_from(cfg.segments, cfg.fps, cfg.every, cfg.mode, cfg.seed, cfg.max_frames,
+                                           cfg.pool_frames)
+    if default and dist.is_main:
+        info(f"taking {sampling.segments} frames per video, one in the middle of each of {sampling.segments} equal "
+             "segments (--segments); --fps F or --every N take frames at a fixed rate", cfg.quiet)
+    return sampling
+
+
 def _fingerprint(cfg: ExtractConfig, arch: str, weights: str, layers: list[Any], preprocess: dict,
                  paths: list[Path]) -> dict[str, Any]:
     digest = hashlib.sha256(b"\n".join(map(os.fsencode, paths))).hexdigest()  # any file name
@@ -103,7 +148,7 @@ def _layer_shapes(extractor: FeatureExtractor, crop: int, dev: torch.device, amp
 
 
 def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract features for every input; returns the run's summary (every process has it)."""
+    """Extract features for every input (image or video); returns the run's summary (every process has it)."""
     started = time.perf_counter()
     if cfg.dtype not in ("float32", "float16"):
         raise UsageError(f"unknown --dtype {cfg.dtype!r}", hint="choose float32 or float16")
@@ -116,12 +161,15 @@ def run_extraction(cfg: ExtractConfig) -> dict[str, Any]:
 
 def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, default_pool: str,
          per_layer_pool: dict[str, str], layer_names: list[str], started: float) -> dict[str, Any]:
-    # 1. validate everything cheap before any image is read (stdin is read once, by rank 0)
-    paths = dist.broadcast(find_images(cfg.inputs, cfg.list_file) if dist.is_main else None)
+    # 1. validate everything cheap before any input is read (stdin is read once, by rank 0)
+    kind, paths = dist.broadcast(find_inputs_of_one_kind(cfg.inputs, cfg.list_file) if dist.is_main else None)
+    sampling = _sampling(cfg, kind, dist)
     dev = runtime.resolve_device(cfg.device, dist.local_rank)
     runtime.seed_everything(cfg.seed)  # random-init weights (--weights none) must agree across ranks and reruns
     built = build_model(*choose_weights(cfg.model, cfg.weights), device="cpu")
-    preprocess = built.preprocess.resized(cfg.image_size, cfg.resize)
+    preprocess = built.preprocess.resized(cfg.image_size, cfg.resize, crop_pct=cfg.crop_pct,
+                                          interpolation=cfg.interpolation, mean=parse_channels(cfg.mean, "--mean"),
+                                          std=parse_channels(cfg.std, "--std"))
     catalog = LayerCatalog(built.model, built.arch)
     # gap,gap:avg asks for one layer twice, alike: kept once; gap:avg,gap:max is a contradiction
     layers = list(dict.fromkeys(catalog.resolve(n, default_pool, per_layer_pool) for n in layer_names))
@@ -135,62 +183,121 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
     shapes = _layer_shapes(extractor, preprocess.crop_size, dev, cfg.amp)
     out = writable_dir(cfg.out)
     fingerprint = _fingerprint(cfg, built.arch, built.weights, layers, preprocess.to_dict(), paths)
+    layout = None
+    if sampling is not None:  # each video's frame count and sampled frames, read once by rank 0
+        threads = max(1, min(cfg.workers, runtime.available_cpus()) * 2)
+        layout = vids.Layout(dist.broadcast(vids.plan_videos(paths, sampling, threads) if dist.is_main else None),
+                             sampling)
+        fingerprint |= {"sampling": asdict(sampling), "plan_sha256": vids.plan_digest(layout.plan), "rows": layout.rows}
+    rows = len(paths) if layout is None else layout.rows
+    lead = [rows] if layout is None or layout.group == 1 else [len(paths), layout.group]
+    variable = layout is not None and not layout.pooled and not sampling.fixed  # offsets.npy says whose rows
 
     # 2. fresh output or resume (rank 0 holds OUT for the run, decides, creates the files; the others open them)
     held.enter_context(run_lock(out, dist.is_main))
-    resuming = prepare_output(out, fingerprint, names, cfg.overwrite) if dist.is_main else True
+    resuming = prepare_output(out, fingerprint, names + (["offsets"] if variable else []), cfg.overwrite) \
+        if dist.is_main else True
     meta = {"model": built.arch, "weights": built.weights, "complete": False, "fingerprint": fingerprint,
-            "layers": {lay.name: {"target": lay.target, "pool": lay.pool, "shape": [len(paths), *shapes[lay.name]],
+            "layers": {lay.name: {"target": lay.target, "pool": lay.pool, "shape": [*lead, *shapes[lay.name]],
                                   "dtype": cfg.dtype} for lay in layers},
             "pooling": {lay.name: lay.pool for lay in layers}, "normalize": cfg.normalize,
-            "preprocess": preprocess.to_dict(), "rows": len(paths), "config": asdict(cfg), "versions": run_versions()}
+            "preprocess": preprocess.to_dict(), "rows": rows, "input": kind}
+    if layout is not None:
+        meta |= {"videos": len(paths), "sampling": asdict(sampling)} | ({"offsets": OFFSETS} if variable else {})
+    meta |= {"config": asdict(cfg), "versions": run_versions()}
+    group = 1 if layout is None else layout.group
     if dist.is_main:  # run_lock made OUT
         atomic_write_text(out / "meta.json", to_json(meta))  # first, so a killed run is never taken as done
-        store = FeatureStore(out, len(paths), shapes, cfg.dtype, create=not resuming, rank=0)
+        store = FeatureStore(out, rows, shapes, cfg.dtype, create=not resuming, rank=0, group=group)
+        if layout is not None:
+            _start_videos(out, store, layout, variable)
     dist.barrier()
     if not dist.is_main:
-        store = FeatureStore(out, len(paths), shapes, cfg.dtype, create=False, rank=dist.rank)
-    pending = store.pending()
-    todo = pending[dist.rank::dist.world_size]
-    if dist.is_main and len(pending) < len(paths):
-        info(f"resuming {out}: {len(paths) - len(pending)} of {len(paths)} rows already done", cfg.quiet)
+        store = FeatureStore(out, rows, shapes, cfg.dtype, create=False, rank=dist.rank, group=group)
 
     # 3. the loop: workers decode and crop to uint8 (4x less to pass on than floats), the batch
     # is normalised on the device, one forward gives every layer, rows are written as they come
-    mine = [paths[i] for i in todo]
-    loader, normalize = infer.image_loader(mine, preprocess, dev, batch_size=cfg.batch_size, workers=cfg.workers,
-                                           max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
-    bad = infer.BadInputs(mine, cfg.strict)
+    if layout is None:
+        pending = store.pending()
+        todo = pending[dist.rank::dist.world_size]
+        what, total = "rows", len(paths)
+        mine = [paths[i] for i in todo]
+        loader, normalize = infer.image_loader(mine, preprocess, dev, batch_size=cfg.batch_size, workers=cfg.workers,
+                                               max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
+        bad, units = infer.BadInputs(mine, cfg.strict), len(todo)
+    else:
+        pending = layout.pending(store.status.read())
+        todo = np.asarray(pending[dist.rank::dist.world_size], dtype=np.int64)
+        what, total = "videos", len(paths)
+        loader, normalize = vids.frame_loader(layout, todo, preprocess, dev, batch_size=cfg.batch_size,
+                                              workers=cfg.workers)
+        bad, units = infer.BadInputs(layout.labels(), cfg.strict), sum(len(layout.frames(v)) for v in todo)
+    if dist.is_main and resuming and len(pending) < total:
+        info(f"resuming {out}: {total - len(pending)} of {total} {what} already done", cfg.quiet)
+    pool = vids.FramePool(layout, sampling.pool_frames, cfg.normalize) if layout is not None and layout.pooled else None
     trim = runtime.HeapTrimmer() if dev.type == "cpu" else (lambda: None)  # RSS stays flat over long runs
     wait = infer.LoadWait()
-    with progress(total=len(todo), desc="extract", unit="img", quiet=cfg.quiet) as bar:
+    unit = "img" if layout is None else "frame"
+    with progress(total=units, desc="extract", unit=unit, quiet=cfg.quiet) as bar:
         for batch in infer.run(extractor, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait):
-            rows = todo[batch.indices.numpy()]
+            # image runs number their own inputs; a video run's loader gives the frame rows themselves
+            at = (lambda i: int(todo[i])) if layout is None else int
+            good = batch.indices[batch.good].numpy()
+            good = todo[good] if layout is None else good
             feats = {} if batch.outputs is None else {
                 k: v.float().cpu().numpy().astype(cfg.dtype, copy=False) for k, v in batch.outputs.items()}
-            store.write(rows[batch.good.numpy()], feats, {int(todo[i]): e for i, e in batch.errors.items()})
+            errors = {at(i): e for i, e in batch.errors.items()}
+            if pool is None:
+                store.write(good, feats, errors)
+            else:
+                store.write(*pool.add(good, feats, errors))
             trim()
 
     # 4. finish: rank 0 writes the index and marks the run complete
     dist.barrier()
     counts = store.counts()
-    summary = {"rows": len(paths), "ok": counts["ok"], "skipped": counts["skipped"],
+    summary = {"rows": rows, "ok": counts["ok"], "skipped": counts["skipped"],
                "seconds": round(time.perf_counter() - started, 3), "out": str(out),
                "files": [str(out / f"{n}.npy") for n in names] + [str(out / "index.csv"), str(out / "meta.json")]}
+    if layout is not None:
+        states = vids.video_status(layout, store.status.read(), store.errors())
+        done = [s for s, _ in states]
+        summary |= {"videos": len(paths), "frames": int(layout.offsets[-1]), "ok": done.count("ok"),
+                    "partial": done.count("partial"), "skipped": done.count("skipped")}
+        summary["files"] += [str(out / OFFSETS)] if variable else []
     # the rate of the extraction loop itself (model loading and start-up are in "seconds")
-    summary["images_per_s"] = round(len(todo) * dist.world_size / max(wait.total_s, 1e-9), 2)
+    summary[f"{'images' if layout is None else 'frames'}_per_s"] = round(
+        units * dist.world_size / max(wait.total_s, 1e-9), 2)
     if dist.is_main:
-        store.write_index(paths)
+        if layout is None:
+            store.write_index(paths)
+        else:
+            atomic_write_text(out / "index.csv", vids.video_index(layout, states), errors="surrogateescape")
         complete = counts["pending"] == 0
         meta.update(complete=complete, counts=counts, elapsed_s=summary["seconds"])
         atomic_write_text(out / "meta.json", to_json(meta))
         store.finish() if complete else store.close()
-        if counts["skipped"]:
-            warn(f"{counts['skipped']} of {len(paths)} inputs could not be read; see {out / 'index.csv'}")
-        infer.note_loader_bound(wait, loader, fast_decode=cfg.fast_decode, model=built.arch, quiet=cfg.quiet)
+        failed = summary["skipped"] + summary.get("partial", 0)
+        if failed:
+            warn(f"{failed} of {total} {'inputs' if layout is None else 'videos'} could not be read"
+                 f"{'' if layout is None else ' (whole or in part)'}; see {out / 'index.csv'}")
+        # (--fast-decode, a JPEG decoder setting, is no advice for videos)
+        infer.note_loader_bound(wait, loader, fast_decode=cfg.fast_decode or layout is not None, model=built.arch,
+                                quiet=cfg.quiet)
     else:
         store.close()
     dist.barrier()  # no process exits (and gets its siblings killed by torchrun) before the files are final
-    if counts["skipped"] and not counts["ok"]:  # nothing to show for the run: a failure, not a partial success
-        raise Failure(f"none of the {len(paths)} inputs could be read", hint=f"see {out / 'index.csv'} for why")
+    if summary["skipped"] and not summary["ok"] and not summary.get("partial"):  # nothing to show for the run
+        raise Failure(f"none of the {total} inputs could be read", hint=f"see {out / 'index.csv'} for why")
     return summary
+
+
+def _start_videos(out: Path, store: FeatureStore, layout: vids.Layout, variable: bool) -> None:
+    """Rank 0, before the loop: offsets.npy, and the rows of the videos that failed in planning (once)."""
+    if variable:
+        with atomic_write(out / OFFSETS, "wb") as fh:
+            np.save(fh, layout.offsets)
+    status = store.status.read()
+    bad = {row: error for row, error in layout.failed()[1].items() if status[row] == PENDING}
+    if bad:
+        store.write(np.empty(0, dtype=np.int64), {}, bad)

@@ -29,6 +29,7 @@ from torchtool.core.output import UsageError
 
 PENDING, OK, SKIPPED = 0, 1, 2
 STATE_DIR = ".state"
+OFFSETS = "offsets.npy"  # a video run's: video i's frames are rows offsets[i]:offsets[i + 1]
 
 
 def read_meta(out: Path) -> dict[str, Any] | None:
@@ -40,7 +41,8 @@ def read_meta(out: Path) -> dict[str, Any] | None:
 
 
 def prepare_output(out: Path, fingerprint: dict[str, Any], layer_names: Sequence[str], overwrite: bool) -> bool:
-    """Decide between a fresh run and a resume; returns True when resuming.
+    """Decide between a fresh run and a resume; returns True when resuming (``layer_names``: the
+    .npy files the run writes, by stem).
 
     Refuses to touch a finished output, or one written with other settings, unless
     ``overwrite``; then the previous torchtool files (and only those) are removed.
@@ -49,6 +51,7 @@ def prepare_output(out: Path, fingerprint: dict[str, Any], layer_names: Sequence
     ours = [out / "meta.json", out / "index.csv", out / STATE_DIR]
     if meta is not None:
         ours += [out / f"{name}.npy" for name in meta.get("layers", {})]
+        ours += [out / meta["offsets"]] if meta.get("offsets") == OFFSETS else []  # a video run's
     if overwrite:
         for path in ours:
             if path.is_dir():
@@ -76,9 +79,11 @@ class RowFile:
 
     ``create`` writes the header (numpy's own) and sizes the file; otherwise the existing
     file must hold exactly ``shape`` and ``dtype``. Several processes may write disjoint rows.
+    A row is what the first ``row_dims`` dimensions index: with 2, row r of a [V, K, D] file
+    is [r // K, r % K] (a video's K frames).
     """
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any, create: bool):
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any, create: bool, row_dims: int = 1):
         header = np.lib.format.open_memmap(path, mode="w+" if create else "r", dtype=dtype,
                                            shape=shape if create else None)
         if header.shape != tuple(shape) or header.dtype != np.dtype(dtype):
@@ -86,7 +91,7 @@ class RowFile:
                              hint="pass --overwrite to start afresh")
         self.path, self.shape, self.dtype, self.offset = path, tuple(shape), np.dtype(dtype), header.offset
         del header  # only its layout was wanted: no mapping stays open
-        self.row_bytes = self.nbytes(self.shape[1:], self.dtype)
+        self.row_bytes = self.nbytes(self.shape[row_dims:], self.dtype)
         self.fd = os.open(path, os.O_RDWR)
         if create:  # the space is taken now: a full disk fails here, not half-way through the run
             reserve(self.fd, self.offset + self.nbytes(self.shape, self.dtype), path)
@@ -113,7 +118,7 @@ class RowFile:
 
     def read(self) -> np.ndarray:
         """The whole array (small arrays only: the row status)."""
-        size = self.row_bytes * self.shape[0]
+        size = self.nbytes(self.shape, self.dtype)
         return np.frombuffer(os.pread(self.fd, size, self.offset), dtype=self.dtype).reshape(self.shape)
 
     def sync(self) -> None:
@@ -130,14 +135,16 @@ class FeatureStore:
     """Feature arrays, row status and per-process error logs in one output folder."""
 
     def __init__(self, out: Path, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype: str,
-                 create: bool, rank: int = 0):
+                 create: bool, rank: int = 0, group: int = 1):
+        """``group`` > 1 stores the rows as [n_rows / group, group, ...] (a video's segments)."""
         self.out = out
         self.state = out / STATE_DIR
         if create:
             needed = sum(RowFile.nbytes((n_rows, *shape), dtype) for shape in shapes.values())
             check_space(out, needed + n_rows, "the features")
             self.state.mkdir(parents=True, exist_ok=True)
-        self.arrays = {name: RowFile(out / f"{name}.npy", (n_rows, *shape), dtype, create)
+        lead = (n_rows // group, group) if group > 1 else (n_rows,)
+        self.arrays = {name: RowFile(out / f"{name}.npy", (*lead, *shape), dtype, create, row_dims=len(lead))
                        for name, shape in shapes.items()}
         self.status = RowFile(self.state / "status.npy", (n_rows,), np.uint8, create)
         self._errors = open(self.state / f"errors-{rank}.jsonl", "a", encoding="utf-8")
@@ -146,8 +153,12 @@ class FeatureStore:
         """Row indices not yet written."""
         return np.flatnonzero(self.status.read() == PENDING)
 
-    def write(self, rows: np.ndarray, feats: dict[str, np.ndarray], bad: dict[int, str]) -> None:
-        """Write good rows' features, NaN for bad rows, then mark them all done (in that order)."""
+    def write(self, rows: np.ndarray, feats: dict[str, np.ndarray], bad: dict[int, str],
+              notes: dict[int, str] | None = None) -> None:
+        """Write good rows' features, NaN for bad rows, then mark them all done (in that order).
+
+        ``notes`` are errors of good rows (a video pooled over the frames that decoded), kept
+        in the error log like a bad row's."""
         bad_rows = np.fromiter(bad, dtype=np.int64, count=len(bad))
         for name, arr in self.arrays.items():
             if len(rows):
@@ -155,7 +166,7 @@ class FeatureStore:
             if bad:
                 arr.write(bad_rows, np.full((len(bad), *arr.shape[1:]), np.nan, dtype=arr.dtype))
             arr.sync()
-        for row, error in bad.items():
+        for row, error in (bad | (notes or {})).items():
             self._errors.write(json.dumps({"row": int(row), "error": error}) + "\n")
         self._errors.flush()
         if len(rows):

@@ -1,7 +1,8 @@
-"""TSN frame sampling: K frame indices per video, and each video's own random generator."""
+"""Frame sampling: TSN's K segments, frames at a fixed rate or every N-th, and each video's own generator."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -32,6 +33,26 @@ def tsn_indices(n: int, k: int, mode: str, rng: random.Random | None = None) -> 
     if n < k:
         return sorted(rng.randrange(n) for _ in range(k))
     return [rng.randrange(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def rate_indices(n: int, video_fps: float, fps: float) -> list[int]:
+    """The frames at ``fps`` per second of the video's own timeline: frame j is the one showing at
+    t_j = j / fps (j = 0, 1, ... while t_j < n / video_fps), index floor(t_j * video_fps); an index
+    met twice (``fps`` above the video's rate) is kept once."""
+    if not fps > 0:
+        raise UsageError(f"--fps must be above 0, not {fps}")
+    if not video_fps > 0:
+        raise ValueError("the video has no frame rate: use --every N or --segments K")
+    step = video_fps / fps
+    count = math.ceil(n / step - 1e-9)
+    return sorted({min(n - 1, math.floor(j * step + 1e-6)) for j in range(count)})
+
+
+def every_indices(n: int, every: int) -> list[int]:
+    """Frames 0, N, 2N, ... of a video of ``n`` frames."""
+    if every < 1:
+        raise UsageError(f"--every must be 1 or more, not {every}")
+    return list(range(0, n, every))
 
 
 def video_rng(seed: int, path: str | os.PathLike) -> random.Random:
