@@ -17,7 +17,8 @@ import numpy as np
 
 from torchtool.core.evaluate.predictions import Predictions
 from torchtool.core.evaluate.stats import (
-    ECE_BINS, bootstrap_intervals, calibration_bin, capped_ks, expected_calibration_error, true_rank,
+    ECE_BINS, bootstrap_intervals, calibration_bin, capped_ks, expected_calibration_error, ranking_scores,
+    true_rank,
 )
 
 __all__ = ["ECE_BINS", "Predictions", "build_report", "expected_calibration_error", "sample_losses"]
@@ -45,23 +46,16 @@ def sample_losses(preds: Predictions) -> np.ndarray | None:
 
 
 def _ranking(preds: Predictions, support: np.ndarray) -> tuple[list[Any], dict[str, Any] | None, list[str]]:
-    """Per-class one-vs-rest (AUC, AP) from ``probs``, their macro and support-weighted means, and notes.
+    """Per-class one-vs-rest (AUC, AP) from ``probs`` (scikit-learn's figures, see
+    :func:`~torchtool.core.evaluate.stats.ranking_scores`), their macro and support-weighted means, and notes.
 
     A class with no positive or no negative image has no AUC/AP and is left out of the averages.
     """
     n_classes = len(preds.classes)
     if preds.probs is None:
         return [(None, None)] * n_classes, None, []
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    y, probs = np.asarray(preds.labels), np.asarray(preds.probs)
-    per: list[Any] = []
-    for c in range(n_classes):
-        positive = y == c
-        if positive.all() or not positive.any():
-            per.append((None, None))
-        else:
-            per.append((float(roc_auc_score(positive, probs[:, c])), float(average_precision_score(positive, probs[:, c]))))
+    auc, ap = ranking_scores(preds.probs, preds.labels)
+    per = [(None, None) if np.isnan(auc[c]) else (float(auc[c]), float(ap[c])) for c in range(n_classes)]
     kept = [c for c in range(n_classes) if per[c][0] is not None]
     weights = support[kept].astype(np.float64)
     ranking: dict[str, Any] = {"left_out": [preds.classes[c] for c in range(n_classes) if per[c][0] is None]}

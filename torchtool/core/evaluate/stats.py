@@ -45,6 +45,40 @@ def true_rank(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return ((probs > own) | ((probs == own) & lower)).sum(axis=1)
 
 
+def ranking_scores(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's one-vs-rest ROC-AUC and average precision from its column of scores; NaN for a class
+    with no positive or no negative image.
+
+    The same figures as ``sklearn.metrics.roc_auc_score`` / ``average_precision_score`` (tested to
+    1e-12), from one sort per column and each positive's place in it: AUC is Mann-Whitney's U
+    (a tie counts a half), AP the mean over positives of the precision at their score. scikit-learn
+    validates and builds a curve per class: 65 s for 50,000 images of 1,000 classes on 2 cores.
+    """
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    n, c = probs.shape
+    by_class = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[by_class], np.arange(c + 1))
+    own = probs[by_class, labels[by_class]]  # the positives' scores, grouped by class
+    auc, ap = np.full(c, np.nan), np.full(c, np.nan)
+    block = 256  # classes sorted at a time: [256, N] float32, not a second copy of every score
+    for first in range(0, c, block):
+        columns = np.ascontiguousarray(probs[:, first:first + block].T)
+        columns.sort(axis=1)
+        for k in range(first, min(first + block, c)):
+            pos = np.sort(own[bounds[k]:bounds[k + 1]])
+            npos = len(pos)
+            if npos in (0, n):
+                continue
+            col = columns[k - first]
+            below, upto = np.searchsorted(col, pos, "left"), np.searchsorted(col, pos, "right")
+            pos_below, pos_upto = np.searchsorted(pos, pos, "left"), np.searchsorted(pos, pos, "right")
+            neg_below = below - pos_below
+            neg_tied = (upto - below) - (pos_upto - pos_below)
+            auc[k] = (neg_below + 0.5 * neg_tied).sum() / (npos * (n - npos))
+            ap[k] = ((npos - pos_below) / (n - below)).sum() / npos
+    return auc, ap
+
+
 def capped_ks(ks: Sequence[int], n_classes: int) -> list[int]:
     """The top-k's to report: each k capped at the class count, once each, in order."""
     return sorted({min(int(k), n_classes) for k in ks})
