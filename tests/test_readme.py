@@ -144,7 +144,9 @@ def readme_env(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
         """))
     small.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "TORCHTOOL_DEBUG"}
-    env.update(TORCH_HOME=str(root / "torch_home"), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    # torchrun: the one beside this interpreter (a venv's bin need not be on PATH)
+    env.update(TORCH_HOME=str(root / "torch_home"),
+               PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]]))
     # gpu-reset's lines see a stand-in GPU that nothing holds: `--yes` must never end real processes here
     (root / "gpus.json").write_text('{"gpus": [{"name": "stand-in GPU", "processes": []}]}')
     env["TORCHTOOL_GPU_STANDIN"] = str(root / "gpus.json")
