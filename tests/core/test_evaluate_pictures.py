@@ -123,7 +123,7 @@ def test_the_reliability_diagram_draws_the_reports_bins(tmp_path, monkeypatch):
     report = {"calibration": CALIBRATION, "ece": 0.0123}
     figures = _drawn(monkeypatch, plots)
     assert plot_calibration(report, tmp_path / "c.png") == []
-    assert Image.open(tmp_path / "c.png").size == (520, 560)
+    assert Image.open(tmp_path / "c.png").size == (520, 590)
     top, bottom = figures[0].axes
     bars = [p for p in top.patches if p.get_gid() == "accuracy"]
     filled = [k for k, n in enumerate(CALIBRATION["count"]) if n]
@@ -185,12 +185,17 @@ def _page(path) -> tuple[_Page, str]:
     return page, text
 
 
-def _comparison(classes):
-    return {"images": 12, "only_a": ["x/only_a.png"], "only_b": [],
-            "accuracy": {"a": 0.5, "b": 0.75, "delta": 0.25}, "macro_f1": {"a": 0.4, "b": 0.7, "delta": 0.3},
-            "per_class": [{"class": c, "support": 2, "recall_a": 0.5, "recall_b": 1.0, "delta_recall": 0.5,
-                           "f1_a": 0.5, "f1_b": 0.8, "delta_f1": 0.3} for c in classes],
-            "mcnemar": {"both_right": 5, "a_only": 1, "b_only": 4, "both_wrong": 2, "p_value": 0.375}}
+def _comparison(preds):
+    """stats.compare of ``preds`` against a second model right on three more images; one image in A only."""
+    from torchtool.core.evaluate.stats import compare
+
+    paths = [f"x/img{i}.png" for i in range(len(preds.labels))]
+    better = preds.predictions.copy()
+    wrong = np.flatnonzero(better != preds.labels)[:3]
+    better[wrong] = preds.labels[wrong]
+    a = Predictions(preds.classes, preds.labels, preds.predictions, preds.scores, paths)
+    b = Predictions(preds.classes, preds.labels[1:], better[1:], preds.scores[1:], paths[1:])
+    return compare(a, b, names=("base <a>", "new"))
 
 
 def test_the_page_is_self_contained_and_holds_every_section(tmp_path):
@@ -200,7 +205,8 @@ def test_the_page_is_self_contained_and_holds_every_section(tmp_path):
     report["ci"] = {"accuracy": [0.25, 0.75], "balanced_accuracy": [0.2, 0.7], "macro_f1": [0.1, 0.6],
                     "ece": [0.05, 0.3], "resamples": 200, "seed": 3}
     pictures = {"confusion": b"\x89PNG confusion", "calibration": b"\x89PNG calibration", "gallery": b"\x89PNG gallery"}
-    write_html(tmp_path / "r.html", report, pictures, _comparison(ODD), title="run <1>")
+    comparison = _comparison(preds)
+    write_html(tmp_path / "r.html", report, pictures, comparison, title="run <1>")
     page, text = _page(tmp_path / "r.html")
     for section in ("summary", "comparison", "confusion", "calibration", "gallery", "per-class"):
         assert page.ids.count(section) == 1, section
@@ -211,7 +217,7 @@ def test_the_page_is_self_contained_and_holds_every_section(tmp_path):
     # names are text, never markup: the tag-like class name is a cell's text, a control character shows as \t
     shown = [plots.shown_name(n) for n in ODD]
     assert shown[4] in page.cells and "tab\\there" in page.cells and "latin\\xe9" in page.cells
-    assert "<b>x</b>" not in text and "run <1>" in "".join(page.text)
+    assert "<b>x</b>" not in text and "<a>" not in text and "run <1>" in "".join(page.text)
     # one row per class, then All, Macro, Weighted: each class's recall as the report has it
     for row in report["per_class"]:
         at = len(page.cells) - 1 - page.cells[::-1].index(plots.shown_name(row["class"]))  # the last table's
@@ -220,7 +226,13 @@ def test_the_page_is_self_contained_and_holds_every_section(tmp_path):
     if "ranking" in report:  # the ranking figures as columns
         assert {"auc", "ap"} <= set(page.cells)
     assert "95% CI [0.2500, 0.7500]" in "".join(page.text)  # the summary's interval for accuracy
-    assert "p = 0.375" in "".join(page.text) and "+0.2500" in page.cells
+    # the comparison: its accuracies and delta, the right/wrong pairs, McNemar's p, the image left out
+    words = "".join(page.text)
+    acc = comparison["accuracy"]
+    at = page.cells.index("accuracy")
+    assert page.cells[at:at + 4] == ["accuracy", f"{acc['a']:.4f}", f"{acc['b']:.4f}", f"{acc['delta']:+.4f}"]
+    assert acc["delta"] > 0 and "base <a> right" in page.cells and "new wrong" in page.cells
+    assert f"p = {comparison['mcnemar']['p_value']:.4g}" in words and "x/img0.png" in page.cells + page.text
 
 
 def test_missing_pictures_and_comparison_leave_their_sections_out(tmp_path):

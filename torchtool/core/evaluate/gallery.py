@@ -95,7 +95,7 @@ def _figure(tiles: list[dict[str, Any]]) -> Any:
         ax.set_axis_off()
     for ax, tile in zip(axes, tiles):
         if tile["pixels"] is not None:
-            ax.imshow(tile["pixels"], interpolation="lanczos")
+            ax.imshow(tile["pixels"])  # antialiased: a small image shows its own pixels, a large one no moire
         else:  # the tile still says which image it was: only the picture is missing
             ax.imshow(np.full((THUMB, THUMB, 3), 200, np.uint8))
             ax.text(THUMB / 2, THUMB / 2, "unreadable:\n" + _wrap(tile["why"]), ha="center", va="center",

@@ -179,7 +179,8 @@ def _comparison(comp: dict[str, Any]) -> str:
     a, b = (_text(n) for n in names)
     overall = [f'<tr><td>{label}</td><td class="num">{comp[key]["a"]:.4f}</td><td class="num">'
                f'{comp[key]["b"]:.4f}</td>{_delta(comp[key]["delta"])}</tr>'
-               for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro F1")) if comp.get(key)]
+               for key, label in (("accuracy", "accuracy"), ("macro_recall", "macro recall"), ("macro_f1", "macro F1"))
+               if comp.get(key)]
     m = comp["mcnemar"]
     pairs = [f'<tr><th>{a} right</th><td class="num">{m["both_right"]}</td><td class="num">{m["a_only"]}</td></tr>',
              f'<tr><th>{a} wrong</th><td class="num">{m["b_only"]}</td><td class="num">{m["both_wrong"]}</td></tr>']

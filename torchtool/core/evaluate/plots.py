@@ -121,6 +121,7 @@ def plot_calibration(report: dict[str, Any], path: Target) -> list[str]:
 
 def _calibration_figure(report: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     cal = report["calibration"]
     edges = np.asarray(cal["edges"], dtype=np.float64)
@@ -129,27 +130,41 @@ def _calibration_figure(report: dict[str, Any]) -> Any:
     filled = count > 0  # an empty bin has no accuracy: no bar rather than a zero one
     accuracy = np.array([a if a is not None else np.nan for a in cal["accuracy"]], dtype=np.float64)
     confidence = np.array([c if c is not None else np.nan for c in cal["confidence"]], dtype=np.float64)
-    fig = Figure(figsize=(5.2, 5.6))
+    fig = Figure(figsize=(5.2, 5.9))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3.2, 1), "hspace": 0.08})
-    top.bar(lo[filled], accuracy[filled], width[filled], align="edge", color="#4c78a8", edgecolor="white",
-            label="accuracy", gid="accuracy")
-    # the gap to the bin's mean confidence: what the ECE adds up, weighted by the counts
+    # the gap to the bin's mean confidence (what the ECE adds up, weighted by the counts) under the bars,
+    # the mean confidence itself as a line: an overconfident bin shows red above its bar
     gap = confidence[filled] - accuracy[filled]
-    top.bar(lo[filled], gap, width[filled], bottom=accuracy[filled], align="edge", color="#e45756", alpha=0.35,
-            edgecolor="#e45756", hatch="//", label="gap to mean confidence", gid="gap")
-    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    top.bar(lo[filled], gap, width[filled], bottom=accuracy[filled], align="edge", color="#f4b6b3",
+            edgecolor="#e45756", linewidth=0.6, label="gap to mean confidence", gid="gap", zorder=1)
+    top.bar(lo[filled], accuracy[filled], width[filled], align="edge", color="#4c78a8", edgecolor="white",
+            label="accuracy", gid="accuracy", zorder=2)
+    top.hlines(confidence[filled], lo[filled], lo[filled] + width[filled], color="#b42318", linewidth=1.6,
+               label="mean confidence", zorder=3)
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration", zorder=4)
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    order = ("accuracy", "mean confidence", "gap to mean confidence", "perfect calibration")
+    handles = dict(zip(*reversed(top.get_legend_handles_labels())))
+    # above the plot: inside it, any corner can hide a bar
+    top.legend([handles[k] for k in order], order, loc="lower left", bbox_to_anchor=(0, 1.01), ncols=2,
+               fontsize=8, frameon=False, borderaxespad=0)
     ece = report.get("ece")
-    top.set_title("reliability diagram" + ("" if ece is None else f" (ECE = {ece:.4f})"))
+    top.set_title("reliability diagram" + ("" if ece is None else f" (ECE = {ece:.4f})"), pad=34)
     bottom.bar(lo, count, width, align="edge", color="#9d9d9d", edgecolor="white", gid="count")
     bottom.set_ylabel("images")
     bottom.set_xlabel("confidence (the predicted class's probability)")
-    bottom.set_ylim(0, max(int(count.max(initial=0)), 1) * 1.25)
+    most = max(int(count.max(initial=0)), 1)
+    if most > 20 * max(int(count[filled].min(initial=1)), 1):  # one full bin would flatten the rest
+        bottom.set_yscale("log")
+        bottom.set_ylabel("images (log)")
+        bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        bottom.set_ylim(0.7, most * 3)
+    else:
+        bottom.set_ylim(0, most * 1.25)
     for x, w, k in zip(lo, width, count):
         if k:
             bottom.text(x + w / 2, k, str(k), ha="center", va="bottom", fontsize=6)
-    fig.subplots_adjust(left=0.13, right=0.97, top=0.93, bottom=0.1)
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.87, bottom=0.09)
     return fig
