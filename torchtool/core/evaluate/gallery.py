@@ -96,6 +96,11 @@ def _figure(tiles: list[dict[str, Any]]) -> Any:
     for ax, tile in zip(axes, tiles):
         if tile["pixels"] is not None:
             ax.imshow(tile["pixels"])  # antialiased: a small image shows its own pixels, a large one no moire
+            # a square window around the image: every tile the same size, the captions in one line
+            h, w = tile["pixels"].shape[:2]
+            side = max(h, w)
+            ax.set_xlim((w - side) / 2 - 0.5, (w + side) / 2 - 0.5)
+            ax.set_ylim((h + side) / 2 - 0.5, (h - side) / 2 - 0.5)
         else:  # the tile still says which image it was: only the picture is missing
             ax.imshow(np.full((THUMB, THUMB, 3), 200, np.uint8))
             ax.text(THUMB / 2, THUMB / 2, "unreadable:\n" + _wrap(tile["why"]), ha="center", va="center",

@@ -52,9 +52,12 @@ def save_png(build: Callable[[], Any], path: Target) -> list[str]:
     return []
 
 
-def png_bytes(draw: Callable[..., list[str]], *args: Any) -> tuple[bytes, list[str]]:
-    """``draw(*args, path)`` (any picture function here or in gallery) as PNG bytes and its notes."""
+def png_bytes(draw: Callable[..., list[str]], *args: Any, name: str | None = None) -> tuple[bytes, list[str]]:
+    """``draw(*args, path)`` (any picture function here or in gallery) as PNG bytes and its notes;
+    ``name``: the file the bytes are for, as the notes call it (else "the picture")."""
     buf = io.BytesIO()
+    if name is not None:
+        buf.name = name
     notes = draw(*args, buf)
     return buf.getvalue(), notes
 
