@@ -31,10 +31,11 @@ TINY = float(np.finfo(np.float32).tiny)  # a true class scored 0 costs -log(tiny
 
 def most_confused(matrix: np.ndarray, label: int, classes: list[str], n: int = CONFUSED) -> list[tuple[str, int]]:
     """The ``n`` classes images of ``label`` were most often taken for (row = true class), ties by label."""
-    row = matrix[label]
-    others = [j for j in range(len(row)) if j != label and row[j] > 0]
-    others.sort(key=lambda j: (-row[j], j))
-    return [(classes[j], int(row[j])) for j in others[:n]]
+    row = np.array(matrix[label])
+    row[label] = 0
+    others = np.flatnonzero(row)
+    others = others[np.argsort(-row[others], kind="stable")[:n]]  # stable: a tie keeps label order
+    return [(classes[j], int(row[j])) for j in others]
 
 
 def sample_losses(preds: Predictions) -> np.ndarray | None:

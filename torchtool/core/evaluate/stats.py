@@ -41,8 +41,11 @@ def expected_calibration_error(confidence: Any, correct: Any, bins: int = ECE_BI
 def true_rank(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """How many classes rank above the true one: higher scores, and equal scores of a lower index (argmax's order)."""
     own = probs[np.arange(len(labels)), labels][:, None]
-    lower = np.arange(probs.shape[1])[None, :] < labels[:, None]
-    return ((probs > own) | ((probs == own) & lower)).sum(axis=1)
+    rank = np.count_nonzero(probs > own, axis=1)
+    tied = np.flatnonzero(np.count_nonzero(probs >= own, axis=1) - rank > 1)  # rare: only those rows again
+    lower = np.arange(probs.shape[1])[None, :] < labels[tied, None]
+    rank[tied] += np.count_nonzero((probs[tied] == own[tied]) & lower, axis=1)
+    return rank
 
 
 def ranking_scores(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
