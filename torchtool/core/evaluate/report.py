@@ -17,8 +17,8 @@ import numpy as np
 
 from torchtool.core.evaluate.predictions import Predictions
 from torchtool.core.evaluate.stats import (
-    ECE_BINS, bootstrap_intervals, calibration_bin, capped_ks, expected_calibration_error, ranking_scores,
-    true_rank,
+    ECE_BINS, bootstrap_intervals, calibration_bin, capped_ks, expected_calibration_error, known_confidence,
+    ranking_scores, true_rank,
 )
 
 __all__ = ["ECE_BINS", "Predictions", "build_report", "expected_calibration_error", "sample_losses"]
@@ -114,8 +114,7 @@ def build_report(preds: Predictions, top_k: dict[str, float] | None = None, *, k
                   "recall": float(recall[i]), "f1": float(f1[i]), "auc": ranks[i][0], "ap": ranks[i][1],
                   "confused": [{"class": c, "count": k} for c, k in most_confused(matrix, i, classes)]}
                  for i, name in enumerate(classes)]
-    # no scores, or a score that is NaN: no calibration figure rather than a wrong one
-    conf = None if preds.scores is None or np.isnan(preds.scores).any() else np.asarray(preds.scores, np.float64)
+    conf = known_confidence(preds)
     correct = np.asarray(y) == np.asarray(p)
     if top_k is None and preds.probs is not None:
         rank = true_rank(np.asarray(preds.probs), np.asarray(y))

@@ -87,8 +87,8 @@ def capped_ks(ks: Sequence[int], n_classes: int) -> list[int]:
     return sorted({min(int(k), n_classes) for k in ks})
 
 
-def _confidence(preds: Predictions) -> np.ndarray | None:
-    """The scores the calibration figures use; None when unknown (absent or any NaN)."""
+def known_confidence(preds: Predictions) -> np.ndarray | None:
+    """The scores the calibration figures use; None when unknown (absent, or any NaN: no figure beats a wrong one)."""
     if preds.scores is None or np.isnan(preds.scores).any():
         return None
     return np.asarray(preds.scores, dtype=np.float64)
@@ -112,7 +112,7 @@ def bootstrap_intervals(preds: Predictions, n: int, seed: int = 0, ks: Sequence[
     cols = [y, c + p, 2 * c + y]
     vals = [np.ones(total), np.ones(total), right.astype(np.float64)]
     width = 3 * c
-    conf = _confidence(preds)
+    conf = known_confidence(preds)
     if conf is not None:
         rows.append(np.arange(total))
         cols.append(width + calibration_bin(conf))
@@ -126,9 +126,9 @@ def bootstrap_intervals(preds: Predictions, n: int, seed: int = 0, ks: Sequence[
             cols.append(np.full(total, width))
             vals.append((rank < k).astype(np.float64))
             width += 1
-    features = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                                 shape=(total, width))
-    features_t = features.T.tocsr()
+    # [F, N]: feature by image, so that features @ counts.T is [F, resamples]
+    features = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(cols), np.concatenate(rows))),
+                                 shape=(width, total))
 
     rng = np.random.default_rng(seed)
     sums = np.empty((n, width))
@@ -138,7 +138,7 @@ def bootstrap_intervals(preds: Predictions, n: int, seed: int = 0, ks: Sequence[
         idx = rng.integers(0, total, size=(m, total))
         idx += np.arange(m)[:, None] * total  # one bincount counts every resample's images at once
         counts = np.bincount(idx.ravel(), minlength=m * total).reshape(m, total).astype(np.float64)
-        sums[start:start + m] = (features_t @ counts.T).T
+        sums[start:start + m] = (features @ counts.T).T
 
     support, predicted, hit = sums[:, :c], sums[:, c:2 * c], sums[:, 2 * c:3 * c]
     figures = {"accuracy": hit.sum(axis=1) / total}
