@@ -144,7 +144,8 @@ def test_png_bytes_are_the_picture_a_file_would_hold(tmp_path):
     data, notes = png_bytes(plot_confusion, report)
     assert plot_confusion(report, tmp_path / "cm.png") == [
         f"some class names in {tmp_path / 'cm.png'} have characters the font cannot draw: they show as boxes"]
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(data)).size == Image.open(tmp_path / "cm.png").size
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(data)).size == Image.open(tmp_path / "cm.png").size
     assert notes == ["some class names in the picture have characters the font cannot draw: they show as boxes"]
     assert png_bytes(plot_confusion, report, name="out/cm.png")[1] == [
         "some class names in out/cm.png have characters the font cannot draw: they show as boxes"]

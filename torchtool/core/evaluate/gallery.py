@@ -75,9 +75,9 @@ def _cut(text: str) -> str:
 def _tile(preds: Predictions, losses: np.ndarray, i: int) -> dict[str, Any]:
     """What one tile shows: the thumbnail (or why not), its caption, whether the model was right."""
     y, p = int(preds.labels[i]), int(preds.predictions[i])
-    probs = getattr(preds, "probs", None)
+    probs = preds.probs
     score = preds.scores[i] if preds.scores is not None else probs[i, p] if probs is not None else math.nan
-    pixels, why = _thumbnail(preds.paths[i] if i < len(preds.paths) else "")
+    pixels, why = _thumbnail(preds.paths[i])
     caption = (f"true: {_cut(preds.classes[y])}\npred: {_cut(preds.classes[p])}\n"
                f"p {score:.3f}   loss {float(losses[i]):.3f}")
     return {"pixels": pixels, "why": why, "caption": caption, "right": y == p}
@@ -89,7 +89,7 @@ def _figure(tiles: list[dict[str, Any]]) -> Any:
     n = max(len(tiles), 1)
     cols = max(1, min(n, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(2.1 * cols, 2.55 * rows))
+    fig = Figure(figsize=(2.1 * cols, 2.55 * rows))  # inches a tile: the image and 3 lines of caption
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.set_axis_off()
@@ -110,7 +110,7 @@ def _figure(tiles: list[dict[str, Any]]) -> Any:
                      color="#1a7f37" if tile["right"] else "#b42318")
     if not tiles:
         axes[0].text(0.5, 0.5, "no image to show", ha="center", va="center", transform=axes[0].transAxes)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / rows / 2.55 * 1.2, hspace=0.45,
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.6 / (2.55 * rows), hspace=0.45,
                         wspace=0.08)
     return fig
 

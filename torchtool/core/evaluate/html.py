@@ -41,7 +41,8 @@ h3 { font-size: 15px; margin: 16px 0 8px; }
 h2 { font-size: 18px; margin: 0 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 .caption { color: var(--muted); font-size: 13px; margin: 0 0 8px; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; min-width: 150px; background: var(--soft); }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; min-width: 150px;
+        background: var(--soft); }
 .card .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .03em; }
 .card .v { font-size: 20px; font-weight: 600; font-variant-numeric: tabular-nums; }
 .card .ci { font-size: 12px; color: var(--muted); font-variant-numeric: tabular-nums; }
@@ -87,7 +88,8 @@ def write_html(path: str | os.PathLike, report: dict[str, Any], pictures: dict[s
     page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{_text(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
-            f"<header><h1>{_text(title)}</h1><p>{_count(report['images'], 'image')}, {_count(report['classes'], 'class')}</p>"
+            f"<header><h1>{_text(title)}</h1>"
+            f"<p>{_count(report['images'], 'image')}, {_count(report['classes'], 'class')}</p>"
             f"<nav>{nav}</nav></header>\n" + "\n".join(body) +
             f"\n<footer>torchtool {_text(__version__)} evaluate</footer>\n</main>\n</body>\n</html>\n")
     atomic_write_text(path, page)
@@ -125,11 +127,13 @@ def _summary(report: dict[str, Any]) -> str:
         shown, _, interval = _num(value).partition(" [")  # "0.8528 [0.8161, 0.8861]": the value, its interval
         ci = f'<div class="ci">95% CI [{_text(interval)}</div>' if interval else ""
         label = LABELS.get(key, key.replace("_", " "))
-        cards.append(f'<div class="card"><div class="k">{_text(label)}</div><div class="v">{_text(shown)}</div>{ci}</div>')
+        cards.append(f'<div class="card"><div class="k">{_text(label)}</div>'
+                     f'<div class="v">{_text(shown)}</div>{ci}</div>')
     ci = report.get("ci")
     notes = list(report.get("notes") or [])
     if ci:
-        notes.append(f"intervals: 95% percentile bootstrap, {ci['resamples']} resamples of the images, seed {ci['seed']}")
+        notes.append(f"intervals: 95% percentile bootstrap, {ci['resamples']} resamples of the images, "
+                     f"seed {ci['seed']}")
     listed = "".join(f"<li>{_text(n)}</li>" for n in notes)
     return (f'<section id="summary"><h2>Summary</h2><div class="cards">{"".join(cards)}</div>'
             + (f'<ul class="notes">{listed}</ul>' if listed else "") + "</section>")
@@ -162,7 +166,8 @@ def _per_class(report: dict[str, Any]) -> str:
         confused = [row[c] for c in row if c.startswith("confused_") and row[c]]
         cells.append(f'<td class="muted">{_text(", ".join(confused))}</td>')
         out.append(("<tr class=\"total\">" if total else "<tr>") + "".join(cells) + "</tr>")
-    return (f'<section id="per-class"><h2>Per class</h2><p class="caption">{_count(len(report["per_class"]), "class")}; '
+    classes = _count(len(report["per_class"]), "class")
+    return (f'<section id="per-class"><h2>Per class</h2><p class="caption">{classes}; '
             f'All is the micro average (= accuracy)</p><div class="scroll">{_table(header, out)}</div></section>')
 
 
@@ -181,6 +186,7 @@ def _comparison(comp: dict[str, Any]) -> str:
                f'{comp[key]["b"]:.4f}</td>{_delta(comp[key]["delta"])}</tr>'
                for key, label in (("accuracy", "accuracy"), ("macro_recall", "macro recall"), ("macro_f1", "macro F1"))
                if comp.get(key)]
+    overall_table = _table([("", ""), (names[0], "num"), (names[1], "num"), ("delta", "num")], overall, "small")
     m = comp["mcnemar"]
     pairs = [f'<tr><th>{a} right</th><td class="num">{m["both_right"]}</td><td class="num">{m["a_only"]}</td></tr>',
              f'<tr><th>{a} wrong</th><td class="num">{m["b_only"]}</td><td class="num">{m["both_wrong"]}</td></tr>']
@@ -195,7 +201,7 @@ def _comparison(comp: dict[str, Any]) -> str:
         for key, name in (("only_a", a), ("only_b", b)) if comp.get(key))
     return (f'<section id="comparison"><h2>Comparison: {a} vs {b}</h2>'
             f'<p class="caption">{_count(comp["images"], "image")} in both, matched by path; delta = {b} − {a}</p>'
-            f'<div class="pictures"><div>{_table([("", ""), (names[0], "num"), (names[1], "num"), ("delta", "num")], overall, "small")}</div>'
+            f'<div class="pictures"><div>{overall_table}</div>'
             f'<div><table class="small"><thead><tr><th></th><th class="num">{b} right</th>'
             f'<th class="num">{b} wrong</th></tr></thead><tbody>{"".join(pairs)}</tbody></table>'
             f'<p class="caption">exact McNemar test on the {m["a_only"] + m["b_only"]} discordant pairs: '
