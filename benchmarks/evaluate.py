@@ -21,6 +21,17 @@ is taken per round, and the figures are medians over rounds. Goal: ratio >= 0.9;
 exits 1 when it is not met.
 Inputs are real JPEG photos: random crops of scikit-learn's bundled china.jpg/flower.jpg,
 resized, in DATA/china/ and DATA/flower/.
+
+    python benchmarks/evaluate.py --insight [--epochs 2] [--rounds 3] [--workers 2]
+
+Issue 27: the new figures must not slow evaluate down. The docs' digits example (the demo's
+digits and its finetune recipe: resnet18 from scratch at 32 px, --epochs of it), then
+
+    torchtool evaluate runs/digits/best.pth --device cpu --json
+    torchtool evaluate runs/digits/best.pth --device cpu --json --bootstrap 1000 --calibration-plot C.png --gallery G.png
+
+timed as whole processes, alternating, medians of per-round figures; goal: the second within
+1.2x of the first (exit 1 when not).
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ from pathlib import Path
 from _timing import machine, torchtool_exe
 
 GOAL = 0.9
+INSIGHT_GOAL = 1.2  # the whole command with --bootstrap 1000 --calibration-plot --gallery, against plain evaluate
+# the demo's finetune recipe (docs/commands/finetune.md), which the docs' evaluate example evaluates
+RECIPE = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--crop-pct", "1.0", "--augment", "none",
+          "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01", "--decay-all", "--batch-size", "64"]
 CLASSES = ("china", "flower")  # load_sample_images() gives china.jpg, flower.jpg in this order
 
 
@@ -76,13 +91,61 @@ def timed(argv: list[str]) -> tuple[float, dict]:
     return seconds, json.loads(proc.stdout)
 
 
+def insight(args: argparse.Namespace) -> None:
+    """Issue 27: evaluate with --bootstrap 1000 --calibration-plot --gallery against plain evaluate, whole processes."""
+    from torchtool.core.demo import write_digits
+
+    exe = torchtool_exe()
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write_digits(tmp / "digits")
+        run = tmp / "runs" / "digits"
+        train = [exe, "finetune", str(data), *RECIPE, "--epochs", str(args.epochs), "--workers", str(args.workers),
+                 "--device", "cpu", "--out", str(run), "--quiet", "--json"]
+        seconds, summary = timed(train)
+        print(f"trained: resnet18 on the digits, {args.epochs} epochs in {seconds:.0f} s, "
+              f"best_val_acc {summary['best_val_acc']:.4f}")
+        plain = [exe, "evaluate", str(run / "best.pth"), "--device", "cpu", "--json", "--workers", str(args.workers)]
+        full = [*plain, "--bootstrap", "1000", "--calibration-plot", str(tmp / "c.png"), "--gallery",
+                str(tmp / "g.png"), "--overwrite"]
+        timed(plain), timed(full)  # warm-up: page cache, the .pyc files, matplotlib's font cache
+        times: dict[str, list[float]] = {"plain": [], "full": [], "ratio": []}
+        for r in range(args.rounds):
+            order = (plain, full) if r % 2 == 0 else (full, plain)
+            got = {id(cmd): timed(cmd) for cmd in order}
+            (t_plain, report), (t_full, full_report) = got[id(plain)], got[id(full)]
+            if "ci" not in full_report or full_report["images"] != report["images"]:
+                raise SystemExit("the full run did not report intervals on the same images")
+            times["plain"].append(t_plain)
+            times["full"].append(t_full)
+            times["ratio"].append(t_full / t_plain)
+            print(f"  round {r + 1} ({'plain' if order[0] is plain else 'full'} first): plain {t_plain:5.2f} s, "
+                  f"full {t_full:5.2f} s, ratio {t_full / t_plain:.3f}")
+        m = {k: statistics.median(v) for k, v in times.items()}
+        print(f"evaluate, {report['images']} images:                          {m['plain']:5.2f} s  "
+              f"(accuracy {report['accuracy']:.4f})")
+        print(f"  + --bootstrap 1000 --calibration-plot --gallery: {m['full']:5.2f} s  "
+              f"(accuracy {full_report['ci']['accuracy']} at 95%)")
+        verdict = "met" if m["ratio"] <= INSIGHT_GOAL else "NOT met"
+        print(f"ratio full/plain = {m['ratio']:.3f}  (median of per-round ratios "
+              f"{', '.join(f'{x:.3f}' for x in times['ratio'])}; goal <= {INSIGHT_GOAL}, {verdict})")
+    if verdict != "met":
+        sys.exit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=400, help="images in all, split evenly between the 2 classes")
     ap.add_argument("--rounds", type=int, default=3, help="each figure is the median of this many rounds")
     ap.add_argument("--workers", type=int, default=2, help="--workers for both commands")
     ap.add_argument("--batch-size", type=int, default=16, help="--batch-size for both commands")
+    ap.add_argument("--insight", action="store_true", help="issue 27: --bootstrap/--calibration-plot/--gallery "
+                    "against plain evaluate on the digits")
+    ap.add_argument("--epochs", type=int, default=2, help="with --insight: epochs of the digits model")
     args = ap.parse_args()
+    if args.insight:
+        return insight(args)
     if args.images < 2 or args.rounds < 1:
         ap.error("--images must be at least 2 and --rounds at least 1")
     exe, n = torchtool_exe(), args.images

@@ -298,10 +298,14 @@ def test_saved_predictions_give_the_same_report_with_awkward_class_names(plain_m
         [r[:6] for r in csv.reader((tmp_path / "a.csv").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("flag", ["--csv", "--confusion-csv", "--plot", "--save-predictions"])
+NAMES = {"--plot": "report.png", "--calibration-plot": "report.png", "--gallery": "report.png", "--html": "report.html"}
+
+
+@pytest.mark.parametrize("flag", ["--csv", "--confusion-csv", "--plot", "--save-predictions", "--calibration-plot",
+                                  "--gallery", "--html", "--results-file"])
 def test_every_output_is_checked_before_any_image_is_read(plain_model, tmp_path, model_calls, flag):
     data, weights, _ = plain_model
-    name = "report.png" if flag == "--plot" else "report.csv"
+    name = NAMES.get(flag, "report.csv")
     (tmp_path / "afile").write_text("a file, not a folder\n")
     for where, code in ((Path("/proc") / name, 1),  # no file can be made there, root or not
                         (tmp_path / "afile" / name, 2),
@@ -312,6 +316,35 @@ def test_every_output_is_checked_before_any_image_is_read(plain_model, tmp_path,
         assert model_calls == [], f"{where}: the images were run before the output was refused"
     ok = plain(weights, data, flag, tmp_path / name)  # and the spy does see a run
     assert ok.exit_code == 0 and sum(model_calls) == 6
+
+
+def test_picture_suffixes_and_the_scores_companion_are_checked_first(plain_model, tmp_path, model_calls):
+    data, weights, _ = plain_model
+    for flag, name, suffix in (("--gallery", "g.jpg", ".png"), ("--calibration-plot", "c.svg", ".png"),
+                               ("--html", "r.txt", ".html or .htm")):
+        result = plain(weights, data, flag, tmp_path / name)
+        assert result.exit_code == 2 and f"{flag} {tmp_path / name} must end in {suffix}" in result.stderr
+    (tmp_path / "p.scores.npy").write_bytes(b"")  # the companion --scores all would write
+    kept = plain(weights, data, "--save-predictions", tmp_path / "p.csv", "--scores", "all")
+    assert kept.exit_code == 2 and f"{tmp_path / 'p.scores.npy'} already exists" in kept.stderr
+    alone = plain(weights, data, "--scores", "all")
+    assert alone.exit_code == 2 and "--scores all says what --save-predictions writes" in alone.stderr
+    assert model_calls == [] and not (tmp_path / "p.csv").exists()
+
+
+def test_a_model_run_gives_every_new_output(plain_model, tmp_path):
+    data, weights, _ = plain_model
+    files = {"--gallery": tmp_path / "g.png", "--calibration-plot": tmp_path / "c.png", "--html": tmp_path / "r.html",
+             "--results-file": tmp_path / "results.json", "--save-predictions": tmp_path / "p.csv"}
+    result = plain(weights, data, *[x for kv in files.items() for x in kv], "--scores", "all", "--bootstrap", "50",
+                   "--compare", weights, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert all(files[f].is_file() for f in files) and (tmp_path / "p.scores.npy").is_file()
+    assert report["ci"]["resamples"] == 50 and report["loss"] > 0
+    assert report["comparison"]["mcnemar"]["p_value"] == 1.0  # the same model: no discordant pair
+    (row,) = json.loads(files["--results-file"].read_text())
+    assert row["checkpoint"] == str(weights) and row["accuracy"] == round(report["accuracy"], 4)
 
 
 @pytest.mark.parametrize("topk", ["", "a,b", ",", "1,x"])

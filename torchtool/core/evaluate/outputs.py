@@ -84,7 +84,8 @@ def write_outputs(cfg: EvalConfig, report: dict[str, Any], preds: Predictions, o
         if key not in outs and not (outs.get("html") and _fits(key, report, preds)):
             continue
         try:
-            data, notes = png_bytes(*_drawing(key, cfg, report, preds))
+            shown = outs[key] if key in outs else f"the {PAGE_NAMES[key]} picture of {outs['html']}"
+            data, notes = png_bytes(*_drawing(key, cfg, report, preds), name=str(shown))
             if key in outs:
                 with atomic_write(outs[key], "wb") as fh:
                     fh.write(data)
