@@ -44,9 +44,9 @@ def run(
         "--segments", min=1, show_default=False, rich_help_panel=VIDEOS,
         help="Videos: K frames each, TSN's way (the middle of K equal segments; --mode train: a random frame in "
         "each), the indices video-info gives. The default: 8.")] = None,
-    mode: Annotated[Literal["test", "train"], typer.Option(
-        "--mode", rich_help_panel=VIDEOS, help="With --segments: test (middle frames) or train (random, seeded by "
-        "--seed and each video's path).")] = "test",
+    mode: Annotated[Optional[Literal["test", "train"]], typer.Option(
+        "--mode", show_default=False, rich_help_panel=VIDEOS, help="With --segments: test (middle frames, the "
+        "default) or train (random, seeded by --seed and each video's path).")] = None,
     fps: Annotated[Optional[float], typer.Option(
         "--fps", min=0, show_default=False, rich_help_panel=VIDEOS,
         help="Videos: F frames per second of the video's own timeline (writes offsets.npy).")] = None,
@@ -56,9 +56,10 @@ def run(
     max_frames: Annotated[Optional[int], typer.Option(
         "--max-frames", min=1, show_default=False, rich_help_panel=VIDEOS,
         help="With --fps or --every: at most the first N sampled frames of each video.")] = None,
-    pool_frames: Annotated[Literal["none", "mean", "max"], typer.Option(
-        "--pool-frames", rich_help_panel=VIDEOS,
-        help="Videos: one row per video, the mean or max over its frames that decoded.")] = "none",
+    pool_frames: Annotated[Optional[Literal["none", "mean", "max"]], typer.Option(
+        "--pool-frames", show_default=False, rich_help_panel=VIDEOS,
+        help="Videos: mean or max, one row per video over its frames that decoded (default: none, a row per "
+        "frame).")] = None,
     image_size: ImageSize = None,
     resize: Resize = None,
     crop_pct: CropPct = None,

@@ -59,11 +59,11 @@ class ExtractConfig:
     std: str | None = None
     # videos (features.videos.Sampling): one of segments / fps / every; None each: --segments 8
     segments: int | None = None
-    mode: str = "test"
+    mode: str | None = None  # None: test
     fps: float | None = None
     every: int | None = None
     max_frames: int | None = None
-    pool_frames: str = "none"
+    pool_frames: str | None = None  # None: none
     overwrite: bool = False
     strict: bool = False
     max_pixels: int = MAX_PIXELS
@@ -109,8 +109,8 @@ def _sampling(cfg: ExtractConfig, kind: str, dist: runtime.Dist) -> vids.Samplin
     """The videos' sampling, checked; None for images (a video option with images is refused)."""
     if kind == "images":
         given = [o for o, v in (("--segments", cfg.segments), ("--fps", cfg.fps), ("--every", cfg.every),
-                                ("--max-frames", cfg.max_frames), ("--mode", cfg.mode != "test" or None),
-                                ("--pool-frames", cfg.pool_frames != "none" or None)) if v is not None]
+                                ("--max-frames", cfg.max_frames), ("--mode", cfg.mode),
+                                ("--pool-frames", cfg.pool_frames)) if v is not None]
         if given:
             raise UsageError(f"{', '.join(given)} applies to videos, and the inputs are images")
         return None

@@ -63,12 +63,15 @@ class Sampling:
         return found[:self.max_frames] if self.max_frames else found
 
 
-def sampling_from(segments: int | None, fps: float | None, every: int | None, mode: str, seed: int,
-                  max_frames: int | None, pool_frames: str) -> tuple[Sampling, bool]:
-    """The options as a :class:`Sampling`, checked; the bool says the default (--segments 8) was taken."""
+def sampling_from(segments: int | None, fps: float | None, every: int | None, mode: str | None, seed: int,
+                  max_frames: int | None, pool_frames: str | None) -> tuple[Sampling, bool]:
+    """The options as a :class:`Sampling`, checked (``mode`` None: test; ``pool_frames`` None: none);
+    the bool says the default (--segments 8) was taken."""
+    pool_frames = pool_frames or "none"
     chosen = [o for o, v in (("--segments", segments), ("--fps", fps), ("--every", every)) if v is not None]
     if len(chosen) > 1:
         raise UsageError(f"give one of --segments, --fps and --every, not {' and '.join(chosen)}")
+    mode = mode or "test"
     if mode not in ("test", "train"):
         raise UsageError(f"unknown --mode {mode!r}", hint="test or train")
     if pool_frames not in FRAME_POOLS:
@@ -82,7 +85,7 @@ def sampling_from(segments: int | None, fps: float | None, every: int | None, mo
     if max_frames is not None and max_frames < 1:
         raise UsageError(f"--max-frames must be 1 or more, not {max_frames}")
     if fps is not None or every is not None:
-        if mode != "test":
+        if mode == "train":
             raise UsageError("--mode applies to --segments", hint="--fps and --every take the same frames every time")
         method = "fps" if fps is not None else "every"
         return Sampling(method, None, "test", seed, fps, every, max_frames, pool_frames), False
