@@ -156,7 +156,8 @@ def note_loader_bound(wait: LoadWait, loader: Any, *, fast_decode: bool, model: 
 
 @torch.inference_mode()
 def run(model: Any, loader: Any, device: torch.device, *, bad: BadInputs, normalize: Any = None,
-        amp: bool = False, channels_last: bool = True, bar: Any = None, wait: LoadWait | None = None) -> Iterator[Batch]:
+        amp: bool = False, channels_last: bool = True, bar: Any = None, wait: LoadWait | None = None,
+        pad_to: int | None = None) -> Iterator[Batch]:
     """Run ``model`` over a loader of ``(images, targets, indices, errors)`` batches.
 
     ``normalize`` (e.g. :class:`~torchtool.core.data.transforms.Normalize`) turns uint8
@@ -164,7 +165,11 @@ def run(model: Any, loader: Any, device: torch.device, *, bad: BadInputs, normal
     (channels_last for 4-D images). The model runs under ``inference_mode`` (only while the
     generator runs: the caller's code between batches is unaffected) and under autocast
     when ``amp``. ``bar`` is updated with every sample, good or not. ``wait`` (a
-    :class:`LoadWait`) adds up the time spent waiting for each batch.
+    :class:`LoadWait`) adds up the time spent waiting for each batch. ``pad_to`` runs every
+    forward at that batch size (zeros fill a short batch, their outputs dropped): a sample's
+    output then never depends on how many shared its batch, so one process and several, or a
+    batch with unreadable inputs taken out, give the same bytes (a CPU convolution's last bits
+    depend on the batch size).
     """
     wait = LoadWait() if wait is None else wait
     wait.started = time.perf_counter()
@@ -193,7 +198,11 @@ def run(model: Any, loader: Any, device: torch.device, *, bad: BadInputs, normal
         batch_errors = {int(i): e for i, e in zip(indices.tolist(), errors) if e}
         targets = targets.to(device, non_blocking=True)
         outputs = None
-        if images.shape[0]:
+        if n := images.shape[0]:
+            if pad_to and n < pad_to:
+                images = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
             with autocast(device, amp):
                 outputs = model(_to_device(images, device, normalize, channels_last))
+            if pad_to and n < pad_to:
+                outputs = {k: v[:n] for k, v in outputs.items()} if isinstance(outputs, dict) else outputs[:n]
         yield Batch(indices, good, batch_errors, targets, outputs)

@@ -239,7 +239,8 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
     wait = infer.LoadWait()
     unit = "img" if layout is None else "frame"
     with progress(total=units, desc="extract", unit=unit, quiet=cfg.quiet) as bar:
-        for batch in infer.run(extractor, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait):
+        for batch in infer.run(extractor, loader, dev, bad=bad, normalize=normalize, amp=cfg.amp, bar=bar, wait=wait,
+                               pad_to=loader.batch_size):  # the same bytes from one process or several
             # image runs number their own inputs; a video run's loader gives the frame rows themselves
             at = (lambda i: int(todo[i])) if layout is None else int
             good = batch.indices[batch.good].numpy()
