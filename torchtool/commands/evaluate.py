@@ -7,7 +7,7 @@ import typer
 
 from torchtool.commands._options import (
     DEFAULT_WORKERS, MAX_PIXELS, Amp, CropPct, Device, FastDecode, Format, ImageSize, InferBatchSize, Interpolation,
-    Json, MaxPixels, Mean, ModelName, Overwrite, Quiet, Resize, Std, Strict, Workers,
+    Json, MaxPixels, Mean, ModelName, Overwrite, Quiet, Resize, Seed, Std, Strict, Workers,
 )
 from torchtool.core import output
 
@@ -77,8 +77,7 @@ def run(
     bootstrap: Annotated[int, typer.Option(
         "--bootstrap", min=0, metavar="N", rich_help_panel=STATISTICS,
         help="95% percentile intervals from N resamples of the images (0: none; 1000 is usual).")] = 0,
-    seed: Annotated[int, typer.Option("--seed", rich_help_panel=STATISTICS,
-                                      help="Random seed of the bootstrap (the same seed, the same interval).")] = 0,
+    seed: Seed = 0,
     compare: Annotated[Optional[str], typer.Option(
         metavar="OTHER", show_default=False, rich_help_panel=STATISTICS,
         help="A second checkpoint or weights file (run on the same images) or prediction .csv: per-class deltas, "
@@ -118,9 +117,7 @@ def run(
         overwrite=overwrite, quiet=quiet)
     if len(checkpoints) > 1:
         rows = evaluate_many(cfg, checkpoints)
-        shown = rows if fmt not in ("table", "markdown") or any(r["error"] for r in rows) else \
-            [{k: v for k, v in r.items() if k != "error"} for r in rows]
-        output.emit(shown, fmt)
+        output.emit(_for_people(rows) if fmt in ("table", "markdown") else rows, fmt)
         if any(r["error"] for r in rows):
             raise typer.Exit(output.EXIT_PARTIAL)
         return
@@ -156,6 +153,13 @@ def _render(report: dict, fmt: str) -> None:
                      "a_only_right": test["a_only"], "b_only_right": test["b_only"], "both_wrong": test["both_wrong"],
                      "mcnemar_p": float(f"{test['p_value']:.4g}")}, fmt)
         output.emit(compare_rows(comparison), fmt, title=f"A: {a}, B: {b} (deltas: B - A)")
+
+
+def _for_people(rows: list[dict]) -> list[dict]:
+    """The rows as a table shows them: fractions with 4 decimals, no error column when nothing failed."""
+    failed = any(r["error"] for r in rows)
+    return [{k: f"{v:.4f}" if isinstance(v, float) and k != "images_per_s" else v for k, v in r.items()
+             if failed or k != "error"} for r in rows]
 
 
 def _names(value: Optional[str]) -> Optional[list[str]]:

@@ -77,10 +77,10 @@ def load(cfg: Any, weights: str, arch: str | None, *, default_arch: str | None =
                       f"{len(built.classes)} classes", hint="the weights and the class list belong to different models")
     pre = built.preprocess.resized(cfg.image_size, cfg.resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
                                    mean=cfg.mean, std=cfg.std)
+    label = weights if is_file or what == "CHECKPOINT" else f"{arch} ({built.weights})"
     changed = built.preprocess.changes(pre)
     if changed:  # said once: the numbers this model was (probably) trained with are not the ones used
-        info(f"preprocessing of {choice.label}: {changed} (the options override its own)", cfg.quiet)
-    label = weights if is_file or what == "CHECKPOINT" else f"{arch} ({built.weights})"
+        info(f"preprocessing of {label}: {changed} (the options override its own)", cfg.quiet)
     return Loaded(built, choice, pre, label)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from torchtool.core import runtime
 from torchtool.core.evaluate.config import OUTPUTS, EvalConfig
 from torchtool.core.evaluate.results import append_results, check_results_file, result_row
-from torchtool.core.evaluate.run import evaluate_model
+from torchtool.core.evaluate.run import check_options, evaluate_model
 from torchtool.core.output import TorchtoolError, UsageError, warn
 
 
@@ -40,6 +40,7 @@ def evaluate_many(cfg: EvalConfig, checkpoints: list[str]) -> list[dict[str, Any
     The rows are appended to --results-file as they come (a long sweep keeps what it finished).
     """
     _check_many(cfg, checkpoints)
+    check_options(replace(cfg, checkpoint=checkpoints[0]))
     results = check_results_file(cfg.results_file) if cfg.results_file else None
     rows = []
     with runtime.distributed(cfg.device) as dist:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from torchtool.core import runtime
 from torchtool.core.evaluate.config import EvalConfig
 from torchtool.core.evaluate.inference import ModelRun, run_models
@@ -24,7 +26,8 @@ from torchtool.core.output import UsageError, info, warn
 PREDICTION_SUFFIXES = (".csv", ".tsv", ".txt")  # --compare FILE with these is a prediction file, else weights
 
 
-def _check(cfg: EvalConfig) -> None:
+def check_options(cfg: EvalConfig) -> None:
+    """Every option alone and together, before anything is read."""
     runtime.check_batch_size(cfg.batch_size)
     if any(k < 1 for k in cfg.topk):
         raise UsageError(f"--topk {','.join(map(str, cfg.topk))}: k counts from 1")
@@ -58,7 +61,7 @@ def compares_files(cfg: EvalConfig) -> bool:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and write the requested files; returns the report (every process has it)."""
-    _check(cfg)
+    check_options(cfg)
     outs = check_outputs(cfg)
     results = check_results_file(cfg.results_file) if cfg.results_file else None
     other = read_predictions(cfg.compare) if compares_files(cfg) else None
@@ -107,7 +110,7 @@ def _report(cfg: EvalConfig, preds: Predictions, other: Predictions | None, labe
     """The report, with ``comparison`` when there is a second model; its notes said once."""
     from torchtool.core.evaluate.stats import compare
 
-    if preds.scores is not None and preds.scores.size and (unknown := int((preds.scores != preds.scores).sum())):
+    if preds.scores is not None and (unknown := int(np.isnan(preds.scores).sum())):
         warn(f"{unknown} of {len(preds.labels)} scores in {label} are NaN: the report has no ece")
     report = build_report(preds, ks=cfg.topk, bootstrap=cfg.bootstrap, seed=cfg.seed)
     if other is not None:
