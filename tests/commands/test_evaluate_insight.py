@@ -393,3 +393,27 @@ def test_the_html_page_holds_every_section_offline(runs, tmp_path):
     parsed = Sections()
     parsed.feed((tmp_path / "lean.html").read_text())
     assert {"summary", "per-class", "confusion", "calibration"} <= parsed.ids and "gallery" not in parsed.ids
+
+
+def test_results_file_appends_wait_for_each_other(tmp_path):
+    """Two runs appending at once both keep their rows: an append waits for the other's lock on the folder."""
+    import fcntl
+    import os
+    import threading
+
+    from torchtool.core.evaluate.results import append_results, result_row
+
+    path = tmp_path / "results.csv"
+    append_results(path, [result_row("first", error="x")])
+    held = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another run, between reading the file and replacing it
+    second = threading.Thread(target=append_results, args=(path, [result_row("second", error="y")]))
+    second.start()
+    # a held lock keeps it waiting however slow the machine (a broken lock could only pass here, never fail)
+    second.join(timeout=1.0)
+    assert second.is_alive(), "the append did not wait for the other run"
+    text = path.read_text()
+    path.write_text(text + "other,,,,,,,,z\n")  # the other run's row lands, then it lets go
+    os.close(held)
+    second.join(timeout=GENEROUS_S)
+    assert [r["checkpoint"] for r in csv.DictReader(path.open())] == ["first", "other", "second"]
