@@ -90,9 +90,17 @@ def _figure(tiles: list[dict[str, Any]]) -> Any:
     cols = max(1, min(n, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(2.1 * cols, 2.55 * rows))  # inches a tile: the image and 3 lines of caption
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax in axes:
+    # one axes per tile placed by hand (a grid of subplots costs twice the time to build): rows 0.45 and
+    # columns 0.08 of a tile apart, 0.02 of the figure at the edges, room for the first captions on top
+    top, hspace, wspace = 1 - 0.6 / (2.55 * rows), 0.45, 0.08
+    h = (top - 0.02) / (rows + hspace * (rows - 1))
+    w = 0.96 / (cols + wspace * (cols - 1))
+    axes = []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        ax = fig.add_axes((0.02 + c * w * (1 + wspace), top - (r + 1) * h - r * h * hspace, w, h))
         ax.set_axis_off()
+        axes.append(ax)
     for ax, tile in zip(axes, tiles):
         if tile["pixels"] is not None:
             ax.imshow(tile["pixels"])  # antialiased: a small image shows its own pixels, a large one no moire
@@ -110,8 +118,6 @@ def _figure(tiles: list[dict[str, Any]]) -> Any:
                      color="#1a7f37" if tile["right"] else "#b42318")
     if not tiles:
         axes[0].text(0.5, 0.5, "no image to show", ha="center", va="center", transform=axes[0].transAxes)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.6 / (2.55 * rows), hspace=0.45,
-                        wspace=0.08)
     return fig
 
 
