@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.commands.test_evaluate import model_calls  # noqa: F401 - the fixture, shared
 from tests.conftest import GENEROUS_S
 from tests.finetune_data import write_digits
 from torchtool.cli import app
@@ -51,23 +52,6 @@ def runs(tmp_path_factory) -> tuple[Path, Path, Path]:
         result = invoke("finetune", data, "--out", root / name, *TRAIN, "--seed", seed)
         assert result.exit_code == 0, result.output
     return data, root / "a" / "best.pth", root / "b" / "best.pth"
-
-
-@pytest.fixture
-def model_calls(monkeypatch) -> list[int]:
-    """The images of every batch THE inference loop runs (evaluate reaches it as infer.run)."""
-    from torchtool.core import infer
-
-    calls: list[int] = []
-    real = infer.run
-
-    def counted(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            calls.append(len(batch.indices))
-            yield batch
-
-    monkeypatch.setattr(infer, "run", counted)
-    return calls
 
 
 def with_preprocess(checkpoint: Path, path: Path, **changes) -> Path:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.commands.test_extract_features import SIZE, index, invoke, load, small  # the same CLI helpers
 from tests.conftest import GENEROUS_S
 from tests.video_data import decode_all, read_index, truncate, write_scene_video
 from torchtool.cli import app
@@ -23,30 +24,8 @@ from torchtool.core.output import EXIT_PARTIAL, EXIT_USAGE
 pytest.importorskip("torch")
 pytest.importorskip("cv2")
 
-SIZE = ["--image-size", "64", "--resize", "72"]
 COLUMNS = ["path", "status", "frame_count", "fps", "indices", "error"]
 TOL = 1e-4  # the issue's bound on |video features - the same frame's features as an image|
-
-
-def invoke(*args, input: str | None = None):
-    """extract-features in-process, on the CPU (the image references are CPU ones)."""
-    args = tuple(map(str, args))
-    device = () if "--device" in args else ("--device", "cpu")
-    return CliRunner().invoke(app, ["extract-features", *args, *device], input=input, prog_name="torchtool")
-
-
-def small(weights: Path | str, *extra: str) -> list[str]:
-    """resnet18 at 64 px, frames read in the main process: the fast settings most tests use."""
-    return ["-m", "resnet18", "-w", str(weights), *SIZE, "--workers", "0", *extra]
-
-
-def load(out: Path, name: str) -> np.ndarray:
-    return np.load(out / f"{name}.npy")
-
-
-def index(out: Path) -> list[dict[str, str]]:
-    with open(out / "index.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def indices(row: dict[str, str]) -> list[int]:
