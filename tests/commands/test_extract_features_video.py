@@ -19,7 +19,7 @@ from tests.commands.test_extract_features import SIZE, index, invoke, load, smal
 from tests.conftest import GENEROUS_S
 from tests.video_data import decode_all, read_index, truncate, write_scene_video
 from torchtool.cli import app
-from torchtool.core.output import EXIT_PARTIAL, EXIT_USAGE
+from torchtool.core.output import EXIT_FAILURE, EXIT_PARTIAL, EXIT_USAGE
 
 pytest.importorskip("torch")
 pytest.importorskip("cv2")
@@ -274,6 +274,17 @@ def test_a_video_cut_short_has_nan_rows_partial_status_and_exit_3(tmp_path, brok
     mean = load(pooled, "gap")
     assert mean.shape == (2, 512) and np.isnan(mean[1]).all()
     assert_close(mean[0], np.nanmean(ref.astype(np.float64), axis=0), "the mean over the frames that decoded")
+
+
+def test_strict_fails_on_the_first_bad_video_or_frame(tmp_path, broken, resnet18_weights_pth):
+    unreadable = invoke(broken["good"], broken["text"], "-o", tmp_path / "a", "-l", "gap", "--segments", "4", "--strict",
+                        *small(resnet18_weights_pth))
+    assert unreadable.exit_code == EXIT_FAILURE, unreadable.stderr
+    assert unreadable.stderr.startswith(f"torchtool: error: cannot read {broken['text']}: ")
+    assert not (tmp_path / "a").exists()  # refused before the output was made
+    cut = invoke(broken["cut"], "-o", tmp_path / "b", "-l", "gap", "--segments", "8", "--strict",
+                 *small(resnet18_weights_pth))
+    assert cut.exit_code == EXIT_FAILURE and "does not decode" in cut.stderr.splitlines()[0], cut.stderr
 
 
 # --- options and inputs -----------------------------------------------------------------------------

@@ -189,6 +189,10 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
         layout = vids.Layout(dist.broadcast(vids.plan_videos(paths, sampling, threads) if dist.is_main else None),
                              sampling)
         fingerprint |= {"sampling": asdict(sampling), "plan_sha256": vids.plan_digest(layout.plan), "rows": layout.rows}
+        failed = next((v for v in layout.plan if v.error), None)
+        if cfg.strict and failed is not None:  # before OUT is touched, as a bad frame would fail the run later
+            raise Failure(f"cannot read {failed.path}: {failed.error}",
+                          hint="drop --strict to skip unreadable inputs and keep going")
     rows = len(paths) if layout is None else layout.rows
     lead = [rows] if layout is None or layout.group == 1 else [len(paths), layout.group]
     variable = layout is not None and not layout.pooled and not sampling.fixed  # offsets.npy says whose rows
