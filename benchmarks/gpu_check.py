@@ -9,7 +9,8 @@ torchrun with 2 processes (nccl) against the single-process result; finetune on 
 CPU's report; profile on cuda (max_memory_allocated, --compare's fp16/bf16/cudnn.benchmark rows,
 a pin_memory --dataloader sweep, CUDA kernels in --trace); gpu-reset through the real NVML and
 /dev/nvidia*: a process holding 256 MB of CUDA memory listed, verified and ended (memory freed), an
-NVML monitor left alone. Prints one PASS/FAIL line per check
+NVML monitor left alone; extract-features on videos (cuda and --amp against the CPU); evaluate's
+insight outputs on cuda (--bootstrap, pictures, --html, full scores read back, --compare). Prints one PASS/FAIL line per check
 (SKIP for the nccl check on a one-GPU machine: a one-process group exercises no collective)
 and exits 1 if any failed. Takes a few minutes; --bench adds the extract-features benchmark
 on the GPU (up to ~7 minutes more).
@@ -216,6 +217,56 @@ def evaluate(work: Path, data: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     check("evaluate cuda --amp: non-finite outputs exit 1 in one line", proc.returncode == 1 and not proc.stdout
           and bool(lines) and "are not finite (NaN or Inf)" in lines[0] and len(lines) == 2, proc.stderr[-300:])
+    evaluate_insight(work)
+
+
+def evaluate_insight(work: Path) -> None:
+    """The insight outputs on the GPU: the intervals, pictures and page; the full scores read back to the
+    same report; a model compared with itself in one pass (McNemar's p is 1.0)."""
+    ckpt, out = work / "ft" / "best.pth", work / "insight"
+    out.mkdir(exist_ok=True)
+    proc = sh(*TORCHTOOL, "evaluate", ckpt, "--json", "-q", "--device", DEV, "--bootstrap", "200", "--overwrite",
+              "--gallery", out / "gallery.png", "--calibration-plot", out / "calibration.png", "--html",
+              out / "report.html", "--save-predictions", out / "preds.csv", "--scores", "all")
+    report = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    files = [out / n for n in ("gallery.png", "calibration.png", "report.html", "preds.csv", "preds.scores.npy")]
+    check("evaluate cuda --bootstrap --gallery --calibration-plot --html", bool(report.get("ci"))
+          and report.get("loss") is not None and all(f.exists() for f in files), proc.stderr[-300:])
+    back = sh(*TORCHTOOL, "evaluate", "--predictions", out / "preds.csv", "--json", "-q", "--bootstrap", "200")
+    again = json.loads(back.stdout) if back.returncode == 0 else {}
+    same = all(again.get(k) == report.get(k) for k in ("accuracy", "loss", "ci", "ranking", "top_k"))
+    check("evaluate cuda --scores all: --predictions gives the same report", bool(report) and same,
+          back.stderr[-300:])
+    proc = sh(*TORCHTOOL, "evaluate", ckpt, "--compare", ckpt, "--json", "-q", "--device", DEV)
+    test = (json.loads(proc.stdout).get("comparison") or {}).get("mcnemar", {}) if proc.returncode == 0 else {}
+    check("evaluate cuda --compare itself: p = 1.0", test.get("p_value") == 1.0 and not test.get("a_only"),
+          proc.stderr[-300:])
+
+
+@guarded
+def video_features(work: Path) -> None:
+    """extract-features on videos on the GPU against the CPU (frames decoded in the workers, --segments 4)."""
+    import cv2
+
+    videos = work / "videos"
+    videos.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (suffix, fourcc) in enumerate(((".mp4", "mp4v"), (".avi", "MJPG"), (".mkv", "XVID"))):
+        writer = cv2.VideoWriter(str(videos / f"clip{i}{suffix}"), cv2.VideoWriter_fourcc(*fourcc), 25, (160, 120))
+        base = rng.integers(0, 255, (160, 200, 3), dtype=np.uint8)
+        for t in range(40 + 10 * i):
+            writer.write(np.ascontiguousarray(base[t % 40:t % 40 + 120, t % 40:t % 40 + 160]))
+        writer.release()
+    feats = {}
+    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", DEV]), ("amp", ["--device", DEV, "--amp"])):
+        proc = sh(*TORCHTOOL, "extract-features", videos, "-m", "resnet18", "-w", "none", "-l", "gap", "--segments",
+                  "4", "-o", work / f"vid-{name}", "--json", "-q", "--overwrite", *extra)
+        feats[name] = np.load(work / f"vid-{name}" / "gap.npy") if proc.returncode == 0 else None
+        if name != "cpu":
+            ok = feats[name] is not None and feats["cpu"] is not None and feats[name].shape == (3, 4, 512)
+            r = rel(feats[name], feats["cpu"]) if ok else float("nan")
+            check(f"extract-features videos {name} == cpu", ok and r < (5e-2 if name == "amp" else 1e-2),
+                  f"max rel diff {r:.2e}" if ok else proc.stderr[-300:])
 
 
 @guarded
@@ -319,6 +370,7 @@ def main() -> None:
     make_photos(photos, 256)
     env_info(work)
     extract_features(work, photos)
+    video_features(work)
     finetune(work)
     profile(work, photos)
     gpu_reset(work)
