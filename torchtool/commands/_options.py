@@ -88,12 +88,39 @@ Std = Annotated[Optional[str], typer.Option(
 
 Weights = Annotated[
     str,
-    typer.Option("--weights", "-w", help="DEFAULT (pretrained, cached under TORCH_HOME), a weights name such as "
-                 "IMAGENET1K_V1, none (random init), or a local .pth/.pt/.safetensors file or torchtool checkpoint."),
+    typer.Option("--weights", "-w", help="DEFAULT (pretrained, cached under TORCH_HOME; a timm model's through timm's "
+                 "cache), a weights name such as IMAGENET1K_V1, none (random init), or a local .pth/.pt/.bin/"
+                 ".safetensors file or torchtool checkpoint."),
 ]
 ModelName = Annotated[Optional[str], typer.Option(
-    "--model", "-m", show_default=False, autocompletion=_complete(_model_names), help="A torchvision classification model, e.g. resnet18, vgg16 (default: "
-    "the one a torchtool checkpoint names, else resnet18).")]
+    "--model", "-m", show_default=False, autocompletion=_complete(_model_names), help="A torchvision classification "
+    "model, e.g. resnet18, vgg16, or a timm one, timm:NAME[.TAG] (default: the one a torchtool checkpoint names, "
+    "else resnet18).")]
+
+
+def _list_models(value: Optional[str]) -> None:
+    """``--list-models PATTERN``: the model names matching a glob, one a line on stdout; then exit."""
+    if value is None:
+        return
+    from torchtool.core.models.timm_models import list_models
+    from torchtool.core.output import TorchtoolError, UsageError, error_line
+
+    try:
+        names = list_models(value)
+        if not names:
+            raise UsageError(f"no model matches {value!r}", hint="the pattern is a glob: e.g. 'resnet*', "
+                             "'timm:*convnext*' or 'timm:vit_small*.*' (pretrained tags)")
+    except TorchtoolError as exc:
+        typer.echo(error_line(exc.message, exc.hint), err=True)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo("\n".join(names))
+    raise typer.Exit()
+
+
+ListModels = Annotated[Optional[str], typer.Option(
+    "--list-models", metavar="PATTERN", is_eager=True, expose_value=False, callback=_list_models,
+    help="Print the model names matching a glob and exit: 'resnet*' (torchvision), 'timm:*convnext*' (timm), "
+    "'timm:vit_small*.*' (timm's pretrained tags).")]
 
 
 def given_options(ctx: typer.Context) -> set[str]:
@@ -104,8 +131,8 @@ def given_options(ctx: typer.Context) -> set[str]:
 
 # summary and profile: MODEL as a name, a weights file or module:factory
 ModelSpec = Annotated[str, typer.Argument(
-    metavar="MODEL", show_default=False, help="A torchvision model name (resnet50), a checkpoint or weights file, "
-    "or module:factory / path/to/file.py:factory (a callable returning an nn.Module).")]
+    metavar="MODEL", show_default=False, help="A torchvision model name (resnet50), a timm one (timm:convnext_tiny), "
+    "a checkpoint or weights file, or module:factory / path/to/file.py:factory (a callable returning an nn.Module).")]
 Kwargs = Annotated[Optional[str], typer.Option(
     "--kwargs", metavar="JSON", show_default=False,
     help="""Arguments for the model's builder or factory, e.g. '{"num_classes": 10}'.""")]

@@ -7,7 +7,7 @@ import typer
 
 from torchtool.commands._options import (
     DEFAULT_WORKERS, MAX_PIXELS, Amp, CropPct, Device, FastDecode, Format, ImageSize, InferBatchSize, Interpolation,
-    Json, MaxPixels, Mean, ModelName, Overwrite, Quiet, Resize, Seed, Std, Strict, Workers,
+    Json, MaxPixels, Mean, ListModels, ModelName, Overwrite, Quiet, Resize, Seed, Std, Strict, Workers,
 )
 from torchtool.core import output
 
@@ -37,6 +37,7 @@ def run(
         help="A finetune checkpoint (run/best.pth): its model, classes, preprocessing and validation images. "
         "Several (runs/*/best.pth): one row each.")] = None,
     model: ModelName = None,
+    list_models: ListModels = None,
     weights: Annotated[Optional[str], typer.Option(
         "--weights", "-w", show_default=False, help="With --model: DEFAULT (pretrained), a weights name, none, or a "
         "local weights file.")] = None,

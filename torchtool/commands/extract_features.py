@@ -7,7 +7,7 @@ import typer
 
 from torchtool.commands._options import (
     DEFAULT_WORKERS, MAX_PIXELS, Amp, CropPct, Device, FastDecode, Format, ImageSize, InferBatchSize, Interpolation, Json,
-    MaxPixels, Mean, ModelName, OverwriteRun, Quiet, Resize, Seed, Std, Strict, Weights, Workers,
+    MaxPixels, Mean, ListModels, ModelName, OverwriteRun, Quiet, Resize, Seed, Std, Strict, Weights, Workers,
 )
 from torchtool.core import output
 
@@ -21,6 +21,7 @@ def run(
                        show_default=False),
     ] = None,
     model: ModelName = None,
+    list_models: ListModels = None,
     weights: Weights = "DEFAULT",
     layer: Annotated[
         list[str],

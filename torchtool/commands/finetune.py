@@ -7,8 +7,9 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from torchtool.commands._options import (DEFAULT_WORKERS, MAX_PIXELS, TRAIN_BATCH, Amp, BatchSize, CropPct, Device,
-                                         FastDecodeTrain, Format, ImageSize, Interpolation, Json, MaxPixels, ModelName,
-                                         OverwriteRun, Quiet, Seed, Strict, Weights, Workers, given_options)
+                                         FastDecodeTrain, Format, ImageSize, Interpolation, Json, ListModels,
+                                         MaxPixels, ModelName, OverwriteRun, Quiet, Seed, Strict, Weights, Workers,
+                                         given_options)
 from torchtool.core import output
 
 Recipe = "Recipes"
@@ -30,6 +31,7 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: last.pth, best.pth, metrics.csv, curves.png.",
                                       show_default=False)],
     model: ModelName = None,
+    list_models: ListModels = None,
     weights: Weights = "DEFAULT",
     val_split: Annotated[Optional[float], typer.Option(help="Hold out this fraction of each class (stratified, "
                                                        "seeded) when DATA has no val/ folder.")] = None,

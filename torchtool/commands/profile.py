@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 import typer
 
 from torchtool.commands._options import (
-    MAX_PIXELS, BatchSize, Device, Format, InputSize, Json, Kwargs, MaxPixels, ModelSpec, Overwrite, Quiet,
-    complete_list,
+    MAX_PIXELS, BatchSize, Device, Format, InputSize, Json, Kwargs, ListModels, MaxPixels, ModelSpec, Overwrite,
+    Quiet, complete_list,
 )
 from torchtool.core import output
 
@@ -20,6 +20,7 @@ def _tips() -> tuple[str, ...]:
 
 def run(
     model: ModelSpec,
+    list_models: ListModels = None,
     script_args: Annotated[Optional[list[str]], typer.Argument(
         metavar="ARGS", show_default=False, help="With a script.py: its arguments, after --.")] = None,
     kwargs: Kwargs = None,

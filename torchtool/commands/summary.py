@@ -5,12 +5,14 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from torchtool.commands._options import BatchSize, Format, InputSize, Json, Kwargs, ModelSpec, Overwrite, Quiet
+from torchtool.commands._options import (BatchSize, Format, InputSize, Json, Kwargs, ListModels, ModelSpec, Overwrite,
+                                         Quiet)
 from torchtool.core import output
 
 
 def run(
     model: ModelSpec,
+    list_models: ListModels = None,
     kwargs: Kwargs = None,
     input_size: InputSize = None,
     batch_size: BatchSize = 1,

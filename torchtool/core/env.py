@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -52,8 +53,10 @@ def run_versions() -> dict[str, str]:
 
     from torchtool import __version__
 
-    return {"torchtool": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
+    versions = {"torchtool": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                "numpy": numpy.__version__, "python": platform.python_version()}
+    timm = sys.modules.get("timm")  # imported only when a timm: model is in use
+    return versions | ({"timm": timm.__version__} if timm is not None else {})
 
 
 def environment_variables() -> dict[str, str]:

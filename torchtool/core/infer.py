@@ -67,7 +67,7 @@ def image_loader(paths: Sequence[str | Path], preprocess: Any, device: torch.dev
     for CUDA; ``fast_decode`` decodes JPEGs at a reduced DCT scale that still covers the resize.
     """
     crop = preprocess.crop_size
-    dataset = ImageDataset(paths, CenterCrop(crop, preprocess.resize_size, preprocess.interpolation), targets,
+    dataset = ImageDataset(paths, CenterCrop.of(preprocess), targets,
                            fallback_shape=(crop, crop, 3), fallback_dtype="uint8", max_pixels=max_pixels,
                            decode=DecodeFloor(preprocess.resize_size) if fast_decode else None)
     loader = make_loader(dataset, batch_size or runtime.default_batch_size(device), cap_workers(workers),

@@ -24,14 +24,21 @@ class CenterCrop:
     with :class:`Normalize`.
     """
 
-    def __init__(self, crop_size: int, resize_size: int, interpolation: str = "bilinear"):
+    def __init__(self, crop_size: int, resize_size: int, interpolation: str = "bilinear", squash: bool = False):
         self.crop_size, self.resize_size, self.interpolation = crop_size, resize_size, interpolation
+        self.squash = squash  # timm's crop_mode "squash": both sides to resize_size (the aspect ratio is not kept)
         self._resample = pil_modes_mapping[InterpolationMode(interpolation)]
+
+    @classmethod
+    def of(cls, preprocess: Any) -> CenterCrop:
+        """The crop of a :class:`~torchtool.core.models.preprocess.Preprocess`."""
+        p = preprocess
+        return cls(p.crop_size, p.resize_size, p.interpolation, getattr(p, "crop_mode", "center") == "squash")
 
     def __call__(self, img: Any) -> Any:
         w, h = img.size
         short, long = min(w, h), max(w, h)
-        new_long = int(self.resize_size * long / short)  # torchvision's rounding
+        new_long = self.resize_size if self.squash else int(self.resize_size * long / short)  # torchvision's rounding
         new_w, new_h = (self.resize_size, new_long) if w <= h else (new_long, self.resize_size)
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), self._resample)
@@ -61,9 +68,9 @@ class Normalize:
 
 
 def eval_transform(crop_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float],
-                   interpolation: str = "bilinear") -> Any:
+                   interpolation: str = "bilinear", squash: bool = False) -> Any:
     """Resize, center crop, to float tensor, normalise: the weights' own evaluation preset, per image."""
-    return EvalTransform(CenterCrop(crop_size, resize_size, interpolation), mean, std)
+    return EvalTransform(CenterCrop(crop_size, resize_size, interpolation, squash), mean, std)
 
 
 class EvalTransform:
@@ -79,5 +86,4 @@ class EvalTransform:
 
 def preprocess_transform(preprocess: Any) -> Any:
     """:func:`eval_transform` for a :class:`~torchtool.core.models.preprocess.Preprocess`."""
-    p = preprocess
-    return eval_transform(p.crop_size, p.resize_size, p.mean, p.std, p.interpolation)
+    return EvalTransform(CenterCrop.of(preprocess), preprocess.mean, preprocess.std)

@@ -16,7 +16,7 @@ from torch import nn
 
 from torchtool.core.features.capture import Capture
 from torchtool.core.features.layers import Layer, LayerCatalog
-from torchtool.core.features.pooling import l2_normalize, pool_features
+from torchtool.core.features.pooling import l2_normalize, pool_features, stage_map
 
 
 class FeatureExtractor(nn.Module):
@@ -63,6 +63,8 @@ class FeatureExtractor(nn.Module):
                 feat = raw[lay.target]
                 if feat.dtype in (torch.float16, torch.bfloat16):
                     feat = feat.float()
+                if lay.stage:
+                    feat = stage_map(feat, *lay.stage)
                 feat = pool_features(feat, self.pools[lay.name])
                 out[lay.name] = l2_normalize(feat) if self.normalize else feat
         return out

@@ -2,7 +2,10 @@
 
 Aliases: ``conv{b}_{i}``/``relu{b}_{i}``/``pool{b}``/``fc6-8`` for VGG, ``layer1-4`` for ResNets,
 ``gap`` (global average of the last feature map before the head, found by shape) and
-``logits``. Shapes are computed on the meta device: no memory, no real compute.
+``logits``. A timm model adds ``stage:K`` (its ``feature_info`` stages, as C x H x W maps like
+its ``forward_intermediates``), and its ``gap`` is what its classifier takes (timm's pooled
+``pre_logits``: the normed class token of a ViT). Shapes are computed on the meta device: no
+memory, no real compute.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import torch
 from torch import nn
 
 from torchtool.core.features.capture import Capture, traced_nodes
-from torchtool.core.features.pooling import POOLS
+from torchtool.core.features.pooling import POOLS, stage_map
 from torchtool.core.models.heads import find_head, num_outputs, replace_head
-from torchtool.core.models.names import build_kwargs
+from torchtool.core.models.build import create_model
+from torchtool.core.models.timm_models import classifier_name, is_timm_model, stage_modules
 from torchtool.core.output import UsageError, suggest
 
 
@@ -54,6 +58,7 @@ class Layer:
     name: str
     target: str
     pool: str
+    stage: tuple[int, int] | None = None  # a timm stage: (channels, prefix tokens) to make its output C x H x W
 
 
 def _meta_clone(model: nn.Module, arch: str) -> nn.Module:
@@ -61,10 +66,8 @@ def _meta_clone(model: nn.Module, arch: str) -> nn.Module:
     if next(model.parameters()).device.type == "meta":
         return model
     try:
-        from torchvision.models import get_model
-
         with torch.device("meta"):
-            clone = get_model(arch, weights=None, **build_kwargs(arch, pretrained=False))
+            clone = create_model(arch)
             replace_head(clone, num_outputs(find_head(model)[1]))
         if [p.shape for p in clone.parameters()] == [p.shape for p in model.parameters()]:
             return clone.eval()
@@ -97,10 +100,23 @@ class LayerCatalog:
                 self.aliases[f"layer{i}"] = f"layer{i}"
         self.aliases["logits"] = self.nodes[-1] if self.nodes else find_head(model)[0]
         self._gap: str | None = None
+        self.stages: dict[str, tuple[str, tuple[int, int]]] = {}  # stage:K -> (module, (channels, prefix tokens))
+        if is_timm_model(model):
+            self._timm_aliases(model)
+
+    def _timm_aliases(self, model: nn.Module) -> None:
+        """stage:K for each feature stage; gap: the classifier's input (the node before it)."""
+        channels = [f.get("num_chs", 0) for f in model.feature_info if isinstance(f, dict) and f.get("module")]
+        prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        for k, (module, chs) in enumerate(zip(stage_modules(model), channels)):
+            self.stages[f"stage:{k}"] = (module, (int(chs), prefix))
+        head = classifier_name(model)
+        if self.nodes and head in self.nodes and self.nodes.index(head) > 0:
+            self._gap = self.nodes[self.nodes.index(head) - 1]
 
     def gap_target(self, image_size: int = 224) -> str | None:
         """The last 4-D feature map before the classifier head (GAP of it is the pooled vector)."""
-        if self._gap is None and self.nodes and not self.arch.startswith("vit"):
+        if self._gap is None and self.nodes and not self.arch.startswith(("vit", "timm:")):
             head, _ = find_head(self.model)
             first_head = next((i for i, n in enumerate(self.nodes) if n == head or n.startswith(head + ".")),
                               len(self.nodes))
@@ -112,11 +128,16 @@ class LayerCatalog:
     def names(self) -> list[str]:
         """Every name :meth:`resolve` accepts."""
         # an alias, node and module may share a name (layer3): list each once
-        return list(dict.fromkeys(list(self.aliases) + ["gap"] + (self.nodes or []) + self.modules))
+        return list(dict.fromkeys(list(self.aliases) + ["gap"] + list(self.stages) + (self.nodes or []) + self.modules))
 
     def resolve(self, spec: str, default_pool: str, pools: Mapping[str, str] | None = None) -> Layer:
-        """``name`` or ``name:pool`` -> Layer; unknown names fail with the closest suggestions."""
-        name, _, pool = spec.partition(":")
+        """``name`` or ``name:pool`` (``stage:K`` or ``stage:K:pool``) -> Layer; unknown names fail with the
+        closest suggestions."""
+        if spec.startswith("stage:"):
+            number, _, pool = spec[len("stage:"):].partition(":")
+            name = f"stage:{number}"
+        else:
+            name, _, pool = spec.partition(":")
         pool = pool or (pools or {}).get(name) or ""
         if pool and pool not in POOLS:
             raise UsageError(f"unknown pooling {pool!r} for layer {name!r}", hint=f"choose from: {', '.join(POOLS)}")
@@ -126,6 +147,9 @@ class LayerCatalog:
                 raise UsageError(f"{self.arch or 'this model'} has no pooled feature map for 'gap'",
                                  hint="pass a node name and --pool avg instead")
             return Layer(name, target, pool or "avg")
+        if name in self.stages:
+            module, stage = self.stages[name]
+            return Layer(name, module, pool or default_pool, stage)
         target = self.aliases.get(name) or (name if name in (self.nodes or []) or name in self.modules else None)
         if not target:
             hint = suggest(name, self.names(), n=5) or "run with --list-layers to see the names"
@@ -138,9 +162,15 @@ class LayerCatalog:
         nodes = self.nodes or self.modules
         targets = dict(self.aliases)
         gap = self.gap_target(image_size)
-        shapes = _node_shapes(self.model, list(dict.fromkeys(list(targets.values()) + nodes)), image_size, self.arch)
+        stages = [m for m, _ in self.stages.values()]
+        shapes = _node_shapes(self.model, list(dict.fromkeys(list(targets.values()) + stages + nodes)), image_size,
+                              self.arch)
         if gap:
             rows.append({"name": "gap", "target": gap, "kind": "alias", "shape": [shapes[gap][0]]})
+        for alias, (module, stage) in self.stages.items():
+            shape = list(stage_map(torch.empty(1, *shapes[module], device="meta"), *stage).shape[1:]) \
+                if module in shapes else []
+            rows.append({"name": alias, "target": module, "kind": "stage", "shape": shape})
         for alias, target in targets.items():
             rows.append({"name": alias, "target": target, "kind": "alias", "shape": list(shapes.get(target, ()))})
         kind = "node" if self.nodes else "module"

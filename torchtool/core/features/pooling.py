@@ -36,6 +36,21 @@ def pool_features(x: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {how!r}; choose from {POOLS}")
 
 
+def stage_map(x: torch.Tensor, channels: int, prefix_tokens: int = 0) -> torch.Tensor:
+    """A timm stage's output as N x C x H x W, as timm's ``forward_intermediates`` gives it: tokens
+    (N x L x C, a ViT's) lose their ``prefix_tokens`` (class, register) and become a square grid;
+    channels-last maps (N x H x W x C, a Swin's) are permuted; N x C x H x W stays."""
+    if x.dim() == 3 and x.shape[-1] == channels:
+        tokens = x[:, prefix_tokens:]
+        side = int(round(tokens.shape[1] ** 0.5))
+        if side * side == tokens.shape[1]:
+            return tokens.transpose(1, 2).reshape(x.shape[0], channels, side, side)
+        return tokens
+    if x.dim() == 4 and x.shape[-1] == channels and x.shape[1] != channels:
+        return x.permute(0, 3, 1, 2)
+    return x
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Scale every sample's flattened vector to unit L2 norm (shape kept)."""
     return F.normalize(x.flatten(1).float(), dim=1).view(x.shape)

@@ -241,7 +241,7 @@ def frame_loader(layout: Layout, videos: Sequence[int], preprocess: Any, device:
     class _Frames(VideoFrames, IterableDataset):
         pass
 
-    crop = CenterCrop(preprocess.crop_size, preprocess.resize_size, preprocess.interpolation)
+    crop = CenterCrop.of(preprocess)
     workers = min(cap_workers(workers), len(videos))  # a worker without a video would only cost its start
     loader = make_loader(_Frames(layout, videos, crop), batch_size or runtime.default_batch_size(device), workers,
                          pin_memory=device.type == "cuda")

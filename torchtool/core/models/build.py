@@ -1,8 +1,9 @@
-"""Build a torchvision classification model by name with ``--weights``, the head fitted to the classes.
+"""Build a classification model by name with ``--weights``, the head fitted to the classes.
 
-``--weights`` accepts ``DEFAULT`` (pretrained, through torchvision's cache under
-TORCH_HOME), a weights enum name such as ``IMAGENET1K_V1``, ``none`` (random init) or a
-local file (.pth/.pt state_dict, .safetensors, or a torchtool checkpoint).
+Names are torchvision's (``resnet50``) or timm's (``timm:convnext_tiny``, ``timm:NAME.TAG``).
+``--weights`` accepts ``DEFAULT`` (pretrained, through torchvision's cache under TORCH_HOME,
+or timm's own), a torchvision weights enum name such as ``IMAGENET1K_V1``, ``none`` (random
+init) or a local file (.pth/.pt/.bin state_dict, .safetensors, or a torchtool checkpoint).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from torchtool.core.models.heads import find_head, head_classes, num_outputs, replace_head
 from torchtool.core.models.names import DEFAULT_MODEL, build_kwargs, check_arch
 from torchtool.core.models.preprocess import Preprocess, preprocess_for
+from torchtool.core.models.timm_models import create_timm, is_timm, pretrained_classes
 from torchtool.core.models.weights import WeightsChoice, ensure_downloaded, resolve_weights
 from torchtool.core.output import Failure, UsageError
 
@@ -51,20 +53,29 @@ def choose_weights(arch: str | None, weights: str, default_arch: str = DEFAULT_M
     return check_arch(arch or choice.arch or default_arch), choice
 
 
-def _built(arch: str, choice: WeightsChoice, meta: bool) -> tuple[Any, list[str] | None, Preprocess]:
-    """(model, classes, preprocessing) of ``arch`` with pretrained weights or none (files are loaded later)."""
+def create_model(arch: str, weights: Any = None, **kwargs: Any) -> Any:
+    """The bare network of ``arch``: torchvision's builder (``weights``: an enum member or None) or timm's
+    ``create_model`` (``weights``: True for the tag's pretrained weights); ``kwargs`` go to the builder."""
+    if is_timm(arch):
+        return create_timm(arch, pretrained=bool(weights), **kwargs)
     import torchvision
 
-    kwargs = build_kwargs(arch, pretrained=choice.kind == "pretrained")
+    return torchvision.models.get_model(arch, weights=weights, **build_kwargs(arch, weights is not None) | kwargs)
+
+
+def _built(arch: str, choice: WeightsChoice, meta: bool) -> tuple[Any, list[str] | None, Preprocess]:
+    """(model, classes, preprocessing) of ``arch`` with pretrained weights or none (files are loaded later)."""
     if choice.kind != "pretrained":
-        return torchvision.models.get_model(arch, weights=None, **kwargs), None, preprocess_for(arch)
+        return create_model(arch), None, preprocess_for(arch)
+    if is_timm(arch):
+        model = create_model(arch, weights=not meta)  # meta: the architecture the weights fit, nothing fetched
+        return model, pretrained_classes(model), preprocess_for(arch)
     classes = list(choice.enum.meta.get("categories") or []) or None
     if meta:  # the architecture the weights fit, without fetching their bytes
-        model = torchvision.models.get_model(arch, weights=None, num_classes=len(classes) if classes else 1000,
-                                             **kwargs)
+        model = create_model(arch, num_classes=len(classes) if classes else 1000)
     else:
         ensure_downloaded(choice.enum)
-        model = torchvision.models.get_model(arch, weights=choice.enum, **kwargs)
+        model = create_model(arch, choice.enum)
     return model, classes, preprocess_for(arch, choice.enum)
 
 

@@ -1,16 +1,25 @@
-"""The classification head of any torchvision model: find it, count its classes, replace it."""
+"""The classification head of any torchvision or timm model: find it, count its classes, replace it.
+
+A timm model names its own head (its pretrained config's ``classifier``) and replaces it with
+``reset_classifier``, which keeps its pooling; any other model's head is its last Linear (or
+SqueezeNet's 1x1 convolution).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from torchtool.core.models.timm_models import classifier_name, is_timm_model
 from torchtool.core.output import Failure
 
 
 def find_head(model: Any) -> tuple[str, Any]:
-    """The final classification layer (Linear, or the 1x1 Conv2d of SqueezeNet) and its name."""
+    """The final classification layer (Linear, or the 1x1 Conv2d of SqueezeNet; a timm model's own
+    classifier, an Identity when it has none) and its name."""
     import torch.nn as nn
 
+    if is_timm_model(model) and (name := classifier_name(model)):
+        return name, model.get_submodule(name)
     head = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
@@ -21,8 +30,8 @@ def find_head(model: Any) -> tuple[str, Any]:
 
 
 def num_outputs(module: Any) -> int:
-    """Classes a head predicts."""
-    return module.out_features if hasattr(module, "out_features") else module.out_channels
+    """Classes a head predicts (0 for a timm model without a classifier)."""
+    return getattr(module, "out_features", None) or getattr(module, "out_channels", 0)
 
 
 def replace_head(model: Any, num_classes: int) -> str:
@@ -31,6 +40,11 @@ def replace_head(model: Any, num_classes: int) -> str:
 
     name, old = find_head(model)
     if num_outputs(old) == num_classes:
+        return name
+    if is_timm_model(model):
+        like = next(model.parameters())
+        model.reset_classifier(num_classes)
+        model.get_submodule(name).to(device=like.device, dtype=like.dtype)
         return name
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)

@@ -1,9 +1,11 @@
-"""torchvision's classification models by name: the list, checks with suggestions, builder arguments."""
+"""Classification models by name (torchvision's, and timm's as ``timm:NAME``): checks with suggestions,
+builder arguments."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from torchtool.core.models.timm_models import check_timm, is_timm
 from torchtool.core.output import UsageError, suggest
 
 # The model of commands that run an existing model when neither --model nor the weights file name one.
@@ -38,10 +40,12 @@ def classification_models() -> list[str]:
 
 
 def check_arch(arch: str) -> str:
-    """Fail with suggestions unless ``arch`` is a torchvision classification model."""
+    """Fail with suggestions unless ``arch`` is a torchvision classification model or a timm one (``timm:NAME``)."""
+    if is_timm(arch):
+        return check_timm(arch)
     names = classification_models()
     if arch not in names:
-        hint = suggest(arch, names) or "see torchvision.models.list_models() for the names"
+        hint = suggest(arch, names) or "list them with --list-models (timm's with --list-models 'timm:*')"
         raise UsageError(f"unknown model {arch!r}", hint=hint)
     return arch
 

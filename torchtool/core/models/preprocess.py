@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchtool.core.models.names import weights_enum
+from torchtool.core.models.timm_models import is_timm, timm_preprocess
 from torchtool.core.output import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,15 +47,17 @@ class Preprocess:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
+    crop_mode: str = "center"  # or "squash" (timm's): both sides resized to resize_size, then the crop
 
     def to_dict(self) -> dict[str, Any]:
-        return {"crop_size": self.crop_size, "resize_size": self.resize_size, "mean": list(self.mean),
+        data = {"crop_size": self.crop_size, "resize_size": self.resize_size, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation}
+        return data if self.crop_mode == "center" else {**data, "crop_mode": self.crop_mode}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocess:
         return cls(int(data["crop_size"]), int(data["resize_size"]), tuple(data["mean"]), tuple(data["std"]),
-                   data.get("interpolation", "bilinear"))
+                   data.get("interpolation", "bilinear"), data.get("crop_mode", "center"))
 
     def resized(self, image_size: int | None = None, resize: int | None = None, *, crop_pct: float | None = None,
                 interpolation: str | None = None, mean: tuple[float, ...] | None = None,
@@ -75,7 +78,7 @@ class Preprocess:
         if interpolation is not None and interpolation not in INTERPOLATIONS:
             raise UsageError(f"unknown interpolation {interpolation!r}", hint=f"choose from: {', '.join(INTERPOLATIONS)}")
         return Preprocess(crop, resize, tuple(mean or self.mean), tuple(std or self.std),
-                          interpolation or self.interpolation)
+                          interpolation or self.interpolation, self.crop_mode)
 
     def changes(self, other: Preprocess) -> str:
         """What ``other`` changes, e.g. ``crop_size 224 -> 32, resize_size 256 -> 32`` ("" when nothing)."""
@@ -88,7 +91,10 @@ def _shown(value: Any) -> str:
 
 
 def preprocess_for(arch: str, weights: Any = None) -> Preprocess:
-    """The preprocessing of ``weights`` (a weights enum member) or of the arch's DEFAULT weights."""
+    """The preprocessing of ``weights`` (a weights enum member) or of the arch's DEFAULT weights; a timm
+    model's from timm's data config of its tag."""
+    if is_timm(arch):
+        return timm_preprocess(arch)
     weights = weights or weights_enum(arch).DEFAULT
     t = weights.transforms()
     return Preprocess(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std),

@@ -1,7 +1,7 @@
-"""MODEL as summary and profile take it: a torchvision name, a weights file, or ``module:factory``.
+"""MODEL as summary and profile take it: a torchvision or timm name, a weights file, or ``module:factory``.
 
-- ``resnet50`` (any torchvision classification model; ``kwargs`` go to its builder, e.g.
-  ``{"num_classes": 10}``);
+- ``resnet50`` (any torchvision classification model) or ``timm:convnext_tiny`` (a timm model);
+  ``kwargs`` go to its builder, e.g. ``{"num_classes": 10}``;
 - a torchtool checkpoint or a weights file that names its architecture (what ``--weights``
   takes elsewhere);
 - ``package.module:factory`` or ``path/to/file.py:factory``: a callable returning an
@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from torchtool.core.models.names import check_arch
 from torchtool.core.models.preprocess import Preprocess
+from torchtool.core.models.timm_models import is_timm
 from torchtool.core.output import Failure, TorchtoolError, UsageError, first_line, suggest
 
 # A constructor's own small tensors (timm's drop-path rates: [x.item() for x in torch.linspace(0, rate, depth)],
@@ -128,7 +129,7 @@ class ModelSource:
     """A resolved MODEL: what it is, its default input size, and how to build it."""
 
     label: str
-    kind: str  # "torchvision" | "file" | "factory"
+    kind: str  # "torchvision" | "timm" | "file" | "factory"
     preprocess: Preprocess  # how images are prepared for it (the weights' own; ImageNet's 224 px for a factory)
     _build: Callable[[str], Any] = field(default=None, repr=False)  # device -> nn.Module
 
@@ -235,23 +236,21 @@ def _weights_file(spec: str, kwargs: dict[str, Any]) -> ModelSource:
     return ModelSource(f"{Path(spec).name} ({arch})", "file", preprocess, build)
 
 
-def _torchvision(name: str, kwargs: dict[str, Any]) -> ModelSource:
-    from torchtool.core.models.names import build_kwargs
+def _named(name: str, kwargs: dict[str, Any]) -> ModelSource:
+    """A torchvision model or a timm one (``timm:NAME``), at random init: its weights do not change a summary."""
+    from torchtool.core.models.build import create_model
     from torchtool.core.models.preprocess import preprocess_for
 
     check_arch(name)  # an unknown name fails with close matches
     preprocess = preprocess_for(name)
-    options = build_kwargs(name, pretrained=False) | kwargs
 
     def build(device: str) -> Any:
-        import torchvision
-
         try:
-            return torchvision.models.get_model(name, weights=None, **options)
+            return create_model(name, **kwargs)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{name}(**kwargs) failed: {first_line(exc)}", hint="check --kwargs") from None
 
-    return ModelSource(name, "torchvision", preprocess, build)
+    return ModelSource(name, "timm" if is_timm(name) else "torchvision", preprocess, build)
 
 
 def resolve_model(spec: str, kwargs: dict[str, Any] | None = None) -> ModelSource:
@@ -260,12 +259,12 @@ def resolve_model(spec: str, kwargs: dict[str, Any] | None = None) -> ModelSourc
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt") or path.is_file():
         return _weights_file(spec, kwargs)
-    if ":" in spec:
+    if ":" in spec and not is_timm(spec):
         return _factory(spec, kwargs)
-    if os.sep in spec or path.exists():
+    if os.sep in spec or (path.exists() and not is_timm(spec)):
         raise UsageError(f"{spec} is not a weights file", hint="give a .pth/.pt/.safetensors file, a torchvision "
-                         "model name, or module:factory")
-    return _torchvision(spec, kwargs)
+                         "model name, timm:NAME, or module:factory")
+    return _named(spec, kwargs)
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from torchtool.core.models.checkpoint import WeightsFile, read_weights_file
 from torchtool.core.models.names import check_arch, weights_enum
+from torchtool.core.models.timm_models import is_timm, pretrained_cfg, timm_name
 from torchtool.core.output import Failure, UsageError
 
 
@@ -42,6 +43,8 @@ def resolve_weights(arch: str | None, spec: str) -> WeightsChoice:
         return WeightsChoice("file", str(path.resolve()), file=wf)
     if arch is None:
         raise UsageError("--model is required unless --weights is a torchtool checkpoint")
+    if is_timm(arch):
+        return _timm_weights(check_arch(arch), spec)
     enum = weights_enum(check_arch(arch))
     names = [m for m in enum.__members__]
     key = spec.split(".")[-1]
@@ -50,6 +53,19 @@ def resolve_weights(arch: str | None, spec: str) -> WeightsChoice:
                          hint=f"choose from: {', '.join(names)}, none, or a local file")
     member = enum[key]
     return WeightsChoice("pretrained", f"{type(member).__name__}.{member.name}", enum=member)
+
+
+def _timm_weights(arch: str, spec: str) -> WeightsChoice:
+    """A timm model's pretrained weights are its tag's (``timm:NAME.TAG``): DEFAULT is the only name."""
+    if spec.upper() != "DEFAULT":
+        raise UsageError(f"{arch} takes its pretrained weights from the name's tag, not --weights {spec}",
+                         hint=f"pass --model {arch}.TAG --weights DEFAULT (list the tags with --list-models "
+                         f"'{arch}.*'), none, or a local file")
+    cfg = pretrained_cfg(arch)
+    tag = f"{cfg.get('architecture')}.{cfg.get('tag')}" if cfg.get("tag") else timm_name(arch)
+    if not cfg.get("url") and not cfg.get("hf_hub_id") and not cfg.get("file"):
+        raise UsageError(f"{arch} has no pretrained weights in timm", hint="pass --weights none or a local file")
+    return WeightsChoice("pretrained", f"timm:{tag}")
 
 
 def cached_weights_path(member: Any) -> Path:

@@ -113,13 +113,13 @@ def _policy(preset: str, mode: InterpolationMode) -> list[Any]:
 
 def train_transform(preset: str, image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float],
                     interpolation: str = "bilinear", rcm: int = 0, rcm_neighbour: int = 1, *,
-                    color_jitter: float = 0.0, random_erasing: float = 0.0) -> Any:
+                    color_jitter: float = 0.0, random_erasing: float = 0.0, squash: bool = False) -> Any:
     """The training pipeline for an augmentation preset, ending in a normalised float tensor.
 
     standard: RandomResizedCrop (scale 0.08-1) and a horizontal flip, the ImageNet recipe;
     light: RandomResizedCrop (scale 0.6-1), no flip, for small or orientation-sensitive images;
     randaugment / trivialaugment / autoaugment: standard, then that torchvision policy;
-    none: the evaluation Resize + CenterCrop. ``color_jitter`` S jitters brightness, contrast
+    none: the evaluation Resize + CenterCrop (``squash``: both sides resized, timm's crop_mode). ``color_jitter`` S jitters brightness, contrast
     and saturation by up to S; ``rcm`` > 1 adds :class:`RegionConfusion`; ``random_erasing``
     P erases a random rectangle of the normalised tensor with probability P (timm's order).
     """
@@ -131,7 +131,8 @@ def train_transform(preset: str, image_size: int, resize_size: int, mean: Sequen
                                       antialias=True)]
         steps += [v2.RandomHorizontalFlip()] if preset in FLIPS else []
     else:
-        steps = [v2.Resize(resize_size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
+        size = [resize_size, resize_size] if squash else resize_size
+        steps = [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(image_size)]
     steps += _policy(preset, mode)
     if color_jitter > 0:
         steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))

@@ -15,6 +15,7 @@ from collections.abc import Collection
 from typing import Any
 
 from torchtool.core.infer import BadInputs
+from torchtool.core.models.timm_models import source_versions
 from torchtool.core.models.checkpoint import load_checkpoint, save_safetensors
 from torchtool.core.output import progress, warn
 from torchtool.core.runtime import Dist, determinism, distributed, resolve_device, rng_state
@@ -130,7 +131,7 @@ def finish(run: Run, dist: Dist, bad: tuple[BadInputs, BadInputs], *, best: stat
     if run.export is not None and dist.is_main:
         ckpt = load_checkpoint(best_path)
         save_safetensors(run.export, ckpt["model"], {"arch": run.arch, "classes": ckpt["classes"],
-                                                     "preprocess": ckpt["preprocess"]})
+                                                     "preprocess": ckpt["preprocess"], **source_versions(run.arch)})
     dist.barrier()
     listed = [{"path": str(part.paths[i]), "split": split, "error": e}
               for part, split in zip(bad, ("train", "val")) for i, e in sorted(part.errors.items())]

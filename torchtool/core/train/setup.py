@@ -153,7 +153,7 @@ def loaders(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> Loa
     fallback = (3, pre.crop_size, pre.crop_size)
     tf = augment.train_transform(cfg.augment, pre.crop_size, pre.resize_size, pre.mean, pre.std, pre.interpolation,
                                  cfg.rcm, cfg.rcm_neighbour, color_jitter=cfg.color_jitter,
-                                 random_erasing=cfg.random_erasing)
+                                 random_erasing=cfg.random_erasing, squash=pre.crop_mode == "squash")
     fast = cfg.fast_decode  # JPEGs decoded at a reduced scale that still covers every crop
     train = SeededSamples(ImageDataset(s.train_paths, tf, s.train_targets, fallback, cfg.max_pixels,
                                        decode=augment.decode_floor(cfg.augment, pre.crop_size, pre.resize_size)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torchtool.core.data.folders import Splits
 from torchtool.core.env import run_versions
 from torchtool.core.files import atomic_path, atomic_write_text
+from torchtool.core.models.timm_models import source_versions
 from torchtool.core.models.checkpoint import is_torchtool_checkpoint, load_checkpoint, save_checkpoint, write_checkpoint
 from torchtool.core.models.preprocess import Preprocess
 from torchtool.core.models.weights import WeightsChoice
@@ -189,7 +190,7 @@ def save(run: Run, step: Step, schedule: EpochSchedule, model: nn.Module, *, epo
              "best_metric": best.metric, "best_epoch": best.epoch, "best_ranked": best.ranked,
              "optimizer": step.optimizer.state_dict(), "scheduler": schedule.state_dict(),
              "scaler": step.scaler.state_dict(), "rng": rng, "val_dir": str(s.val_dir), "val_files": s.val_files,
-             "image_files": run.image_files, "history": history}
+             "image_files": run.image_files, "history": history, **source_versions(run.arch)}
     if step.ema is not None:
         state["ema"] = step.ema.state_dict()
     save_checkpoint(run.out / "last.pth", state)
