@@ -6,7 +6,8 @@ examples name (imgs/, more.jpg, data/, photos/, paths.txt). What this machine ca
 is replaced, and nothing else:
 
 - pretrained weights: random-init state_dicts of each architecture the lines name are put
-  where torchvision's cache expects the downloads (TORCH_HOME), so ``DEFAULT`` loads them;
+  where torchvision's cache expects the downloads (TORCH_HOME), so ``DEFAULT`` loads them, and
+  those of the timm models (``timm:NAME.TAG``) in a Hugging Face cache read offline (HF_HOME);
 - the work's size: ``torchtool`` on PATH is a small script that appends options making the
   run small (one epoch, 32 px, the CPU); options given later win in click, so the line's own
   options are still parsed and checked;
@@ -76,11 +77,34 @@ def gpus_needed(line: str) -> int:
 
 
 def architectures(lines: list[str]) -> set[str]:
-    """The models whose DEFAULT weights the lines load (resnet18 is the default model)."""
+    """The torchvision models whose DEFAULT weights the lines load (resnet18 is the default model)."""
     archs = {"resnet18"}
     for line in lines:
-        archs.update(re.findall(r"(?:--model|-m) (\w+)", line))
+        archs.update(re.findall(r"(?:--model|-m) (\w+)(?![\w:])", line))
     return archs - {"torchtool"}  # python -m torchtool
+
+
+def timm_models(lines: list[str]) -> set[str]:
+    """The timm models (NAME.TAG) whose DEFAULT weights the lines load."""
+    return {name for line in lines if "--weights" not in line for name in re.findall(r"--model timm:([\w.]+)", line)}
+
+
+def fill_hf_cache(hub: Path, names: set[str]) -> None:
+    """Random-init weights of each timm model where timm's download puts them (the Hugging Face cache)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    for name in sorted(names):
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+        folder = hub / f"models--{repo.replace('/', '--')}"
+        commit = "0" * 40
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(commit)
+        (folder / "snapshots" / commit).mkdir(parents=True)
+        torch.manual_seed(0)
+        state = timm.create_model(name, pretrained=False).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "snapshots" / commit / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +153,8 @@ def readme_env(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
         torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
                    checkpoints / os.path.basename(url))
 
+    fill_hf_cache(root / "hf_home" / "hub", timm_models(LINES))
+
     bin_dir = root / "bin"
     bin_dir.mkdir()
     small = bin_dir / "torchtool"
@@ -145,7 +171,7 @@ def readme_env(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
     small.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "TORCHTOOL_DEBUG"}
     # torchrun: the one beside this interpreter (a venv's bin need not be on PATH)
-    env.update(TORCH_HOME=str(root / "torch_home"),
+    env.update(TORCH_HOME=str(root / "torch_home"), HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1",
                PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]]))
     # gpu-reset's lines see a stand-in GPU that nothing holds: `--yes` must never end real processes here
     (root / "gpus.json").write_text('{"gpus": [{"name": "stand-in GPU", "processes": []}]}')

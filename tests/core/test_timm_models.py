@@ -91,3 +91,11 @@ def test_stage_maps_are_forward_intermediates_layouts():
     assert torch.equal(stage_map(nhwc, channels=8), nhwc.permute(0, 3, 1, 2))
     nchw = torch.randn(2, 8, 4, 4)
     assert stage_map(nchw, channels=8) is nchw
+
+
+def test_a_vit_takes_only_its_own_input_size():
+    built = build_model("timm:vit_small_patch16_224", "none", device="meta")
+    assert built.preprocessing().crop_size == 224
+    with pytest.raises(UsageError, match="takes 224x224 inputs only"):
+        built.preprocessing(64)
+    assert build_model("timm:resnet18", "none", device="meta").preprocessing(64).crop_size == 64  # a CNN takes any

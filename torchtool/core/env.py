@@ -17,9 +17,9 @@ from typing import Any
 ENV_PREFIXES = ("CUDA_", "TORCH_", "PYTORCH_", "NCCL_", "CUBLAS_", "CUDNN_", "NVIDIA_", "TORCHINDUCTOR_")
 ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "KMP_AFFINITY",
              "LD_LIBRARY_PATH", "TORCH_HOME", "XDG_CACHE_HOME", "HIP_VISIBLE_DEVICES",
-             "ROCR_VISIBLE_DEVICES", "TORCHTOOL_DEBUG")
+             "ROCR_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_OFFLINE", "TORCHTOOL_DEBUG")
 PACKAGES = ("torch", "torchvision", "triton", "numpy", "pillow", "opencv-python-headless", "opencv-python",
-            "scikit-learn", "matplotlib", "typer", "tqdm", "safetensors", "nvidia-ml-py")
+            "scikit-learn", "matplotlib", "typer", "tqdm", "safetensors", "nvidia-ml-py", "timm", "huggingface-hub")
 
 REQUIREMENTS = ("cuda", "cudnn", "mps", "xpu")
 

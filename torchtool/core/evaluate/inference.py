@@ -75,8 +75,8 @@ def load(cfg: Any, weights: str, arch: str | None, *, default_arch: str | None =
     if built.classes is not None and len(built.classes) != built.num_classes:
         raise Failure(f"{choice.label}: the model's head has {built.num_classes} outputs but the file names "
                       f"{len(built.classes)} classes", hint="the weights and the class list belong to different models")
-    pre = built.preprocess.resized(cfg.image_size, cfg.resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
-                                   mean=cfg.mean, std=cfg.std)
+    pre = built.preprocessing(cfg.image_size, cfg.resize, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                              mean=cfg.mean, std=cfg.std)
     label = weights if is_file or what == "CHECKPOINT" else f"{arch} ({built.weights})"
     changed = built.preprocess.changes(pre)
     if changed:  # said once: the numbers this model was (probably) trained with are not the ones used

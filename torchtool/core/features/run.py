@@ -167,9 +167,9 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
     dev = runtime.resolve_device(cfg.device, dist.local_rank)
     runtime.seed_everything(cfg.seed)  # random-init weights (--weights none) must agree across ranks and reruns
     built = build_model(*choose_weights(cfg.model, cfg.weights), device="cpu")
-    preprocess = built.preprocess.resized(cfg.image_size, cfg.resize, crop_pct=cfg.crop_pct,
-                                          interpolation=cfg.interpolation, mean=parse_channels(cfg.mean, "--mean"),
-                                          std=parse_channels(cfg.std, "--std"))
+    preprocess = built.preprocessing(cfg.image_size, cfg.resize, crop_pct=cfg.crop_pct,
+                                     interpolation=cfg.interpolation, mean=parse_channels(cfg.mean, "--mean"),
+                                     std=parse_channels(cfg.std, "--std"))
     catalog = LayerCatalog(built.model, built.arch)
     # gap,gap:avg asks for one layer twice, alike: kept once; gap:avg,gap:max is a contradiction
     layers = list(dict.fromkeys(catalog.resolve(n, default_pool, per_layer_pool) for n in layer_names))

@@ -14,7 +14,7 @@ from typing import Any
 from torchtool.core.models.heads import find_head, head_classes, num_outputs, replace_head
 from torchtool.core.models.names import DEFAULT_MODEL, build_kwargs, check_arch
 from torchtool.core.models.preprocess import Preprocess, preprocess_for
-from torchtool.core.models.timm_models import create_timm, is_timm, pretrained_classes
+from torchtool.core.models.timm_models import check_input_size, create_timm, is_timm, pretrained_classes
 from torchtool.core.models.weights import WeightsChoice, ensure_downloaded, resolve_weights
 from torchtool.core.output import Failure, UsageError
 
@@ -30,6 +30,13 @@ class BuiltModel:
     classes: list[str] | None
     preprocess: Preprocess
     head: str
+
+    def preprocessing(self, image_size: int | None = None, resize: int | None = None, **overrides: Any) -> Preprocess:
+        """The preprocessing with the user's overrides (:meth:`Preprocess.resized`), checked against the model: a
+        model with a fixed input size (timm's ViTs) refuses another crop in one line."""
+        preprocess = self.preprocess.resized(image_size, resize, **overrides)
+        check_input_size(self.model, preprocess.crop_size)
+        return preprocess
 
 
 def _misfit(expected: dict[str, Any], found: dict[str, Any]) -> str:

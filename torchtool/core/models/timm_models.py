@@ -220,6 +220,16 @@ def classifier_name(model: Any) -> str | None:
     return name
 
 
+def check_input_size(model: Any, crop: int) -> None:
+    """A timm model with a fixed input (a ViT's position embeddings) takes only its own size: one line otherwise."""
+    if not is_timm_model(model) or not model.pretrained_cfg.get("fixed_input_size"):
+        return
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or model.pretrained_cfg["input_size"][1:]
+    if tuple(size) != (crop, crop):
+        raise UsageError(f"this model takes {size[0]}x{size[1]} inputs only (fixed position embeddings), not {crop} px",
+                         hint=f"leave --image-size out, or pass --image-size {size[0]}")
+
+
 def stage_modules(model: Any) -> list[str]:
     """The module names of a timm model's feature stages (``feature_info``), in order."""
     info = getattr(model, "feature_info", None) or []

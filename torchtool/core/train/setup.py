@@ -111,8 +111,8 @@ def build(cfg: TrainConfig, run: Run, dist: Dist, device: torch.device) -> tuple
         model.load_state_dict(ckpt["model"])
         run.preprocess = Preprocess.from_dict(ckpt["preprocess"])
     else:
-        run.preprocess = built.preprocess.resized(cfg.image_size, crop_pct=cfg.crop_pct,
-                                                  interpolation=cfg.interpolation)
+        run.preprocess = built.preprocessing(cfg.image_size, crop_pct=cfg.crop_pct,
+                                             interpolation=cfg.interpolation)
     if cfg.sync_bn and dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.sync_bn:
