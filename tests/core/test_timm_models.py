@@ -16,8 +16,8 @@ from torchtool.core.data.transforms import CenterCrop  # noqa: E402
 from torchtool.core.features.pooling import stage_map  # noqa: E402
 from torchtool.core.models.build import build_model  # noqa: E402
 from torchtool.core.models.heads import find_head, replace_head  # noqa: E402
-from torchtool.core.models.preprocess import Preprocess  # noqa: E402
-from torchtool.core.models.timm_models import list_models, timm_preprocess  # noqa: E402
+from torchtool.core.models.preprocess import Preprocess, preprocess_for  # noqa: E402
+from torchtool.core.models.names import list_models  # noqa: E402
 from torchtool.core.output import UsageError  # noqa: E402
 
 
@@ -57,14 +57,14 @@ def test_the_head_is_timms_classifier_and_reset_keeps_the_pooling():
 def test_the_preprocessing_is_timms_data_config():
     import timm
 
-    pre = timm_preprocess("timm:vit_small_patch16_224.augreg_in21k")
+    pre = preprocess_for("timm:vit_small_patch16_224.augreg_in21k")
     data = timm.data.resolve_data_config({}, model=timm.create_model("vit_small_patch16_224.augreg_in21k",
                                                                       pretrained=False))
     assert (pre.crop_size, pre.interpolation, pre.mean, pre.std) == (224, "bicubic", (0.5,) * 3, (0.5,) * 3)
     assert pre.resize_size == int(224 / data["crop_pct"])
     squash = next(n for n in timm.list_pretrained("*") if timm.models.get_pretrained_cfg(n).crop_mode == "squash")
-    assert timm_preprocess(f"timm:{squash}").crop_mode == "squash"
-    again = Preprocess.from_dict(timm_preprocess(f"timm:{squash}").to_dict())
+    assert preprocess_for(f"timm:{squash}").crop_mode == "squash"
+    again = Preprocess.from_dict(preprocess_for(f"timm:{squash}").to_dict())
     assert again.crop_mode == "squash"
     assert "crop_mode" not in Preprocess().to_dict()  # a center crop's record is what it always was
 

@@ -102,7 +102,7 @@ def _list_models(value: Optional[str]) -> None:
     """``--list-models PATTERN``: the model names matching a glob, one a line on stdout; then exit."""
     if value is None:
         return
-    from torchtool.core.models.timm_models import list_models
+    from torchtool.core.models.names import list_models
     from torchtool.core.output import TorchtoolError, UsageError, error_line
 
     try:

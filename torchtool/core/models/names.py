@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchtool.core.models.timm_models import check_timm, is_timm
+from torchtool.core.models.timm_models import check_timm, is_timm, list_timm, timm_name
 from torchtool.core.output import UsageError, suggest
 
 # The model of commands that run an existing model when neither --model nor the weights file name one.
@@ -37,6 +37,16 @@ def classification_models() -> list[str]:
     import torchvision
 
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def list_models(pattern: str | None) -> list[str]:
+    """Model names matching a glob: ``timm:*conv*`` asks timm, anything else torchvision."""
+    import fnmatch
+
+    pattern = pattern or "*"
+    if is_timm(pattern):
+        return list_timm(timm_name(pattern))
+    return [n for n in classification_models() if fnmatch.fnmatchcase(n, pattern)]
 
 
 def check_arch(arch: str) -> str:

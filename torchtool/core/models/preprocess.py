@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchtool.core.models.names import weights_enum
-from torchtool.core.models.timm_models import is_timm, timm_preprocess
+from torchtool.core.models.timm_models import data_config, is_timm
 from torchtool.core.output import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,7 +94,10 @@ def preprocess_for(arch: str, weights: Any = None) -> Preprocess:
     """The preprocessing of ``weights`` (a weights enum member) or of the arch's DEFAULT weights; a timm
     model's from timm's data config of its tag."""
     if is_timm(arch):
-        return timm_preprocess(arch)
+        data = data_config(arch)
+        crop = int(data["input_size"][-1])
+        return Preprocess(crop, math.floor(crop / data["crop_pct"]), tuple(data["mean"]), tuple(data["std"]),
+                          data["interpolation"], data["crop_mode"])  # timm's own rounding of the resize
     weights = weights or weights_enum(arch).DEFAULT
     t = weights.transforms()
     return Preprocess(int(t.crop_size[0]), int(t.resize_size[0]), tuple(t.mean), tuple(t.std),

@@ -12,7 +12,6 @@ Nothing here runs at import: timm is imported when a function needs it.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 import os
 import sys
@@ -84,16 +83,6 @@ def list_timm(pattern: str) -> list[str]:
     return [PREFIX + n for n in names]
 
 
-def list_models(pattern: str | None) -> list[str]:
-    """Model names matching a glob: ``timm:*conv*`` asks timm, anything else torchvision."""
-    pattern = pattern or "*"
-    if is_timm(pattern):
-        return list_timm(timm_name(pattern))
-    from torchtool.core.models.names import classification_models
-
-    return [n for n in classification_models() if fnmatch.fnmatchcase(n, pattern)]
-
-
 def pretrained_cfg(arch: str) -> dict[str, Any]:
     """timm's pretrained config of the name's tag (the default tag when none is given), as a dict."""
     from timm.models import get_pretrained_cfg
@@ -102,11 +91,10 @@ def pretrained_cfg(arch: str) -> dict[str, Any]:
     return cfg.to_dict() if cfg is not None else {}
 
 
-def timm_preprocess(arch: str) -> Any:
-    """The evaluation preprocessing timm resolves for the name and tag (its model cards' recipe, the train size)."""
+def data_config(arch: str) -> dict[str, Any]:
+    """timm's resolved data config of the name and tag (its model cards' recipe: the train size), checked
+    to be one torchtool's crops can do: square, a center or squash crop."""
     from timm.data import resolve_data_config
-
-    from torchtool.core.models.preprocess import Preprocess
 
     data = resolve_data_config({}, pretrained_cfg=pretrained_cfg(arch), use_test_size=False)
     _, height, width = data["input_size"]
@@ -117,9 +105,9 @@ def timm_preprocess(arch: str) -> Any:
     if mode not in ("center", "squash"):
         raise Failure(f"{arch} is evaluated with timm's crop_mode {mode!r}, which torchtool does not do",
                       hint="pass --image-size/--crop-pct to use a center crop instead")
-    interpolation = data["interpolation"] if data["interpolation"] in ("bilinear", "bicubic", "nearest") else "bicubic"
-    return Preprocess(int(width), math.floor(width / data["crop_pct"]), tuple(data["mean"]), tuple(data["std"]),
-                      interpolation, mode)
+    if data["interpolation"] not in ("bilinear", "bicubic", "nearest"):
+        data["interpolation"] = "bicubic"
+    return {**data, "crop_mode": mode}
 
 
 def create_timm(arch: str, pretrained: bool = False, **kwargs: Any) -> Any:
