@@ -16,10 +16,13 @@ def traced_nodes(model: nn.Module) -> list[str] | None:
     """The model's FX node names (torchvision's ``get_graph_node_names``), None when it does not trace."""
     from torchvision.models.feature_extraction import get_graph_node_names
 
+    training = model.training  # tracing switches the model to train mode and, when it fails, leaves it there
     try:
         return get_graph_node_names(model)[1]
     except Exception:  # not FX-traceable: hooks are used instead
         return None
+    finally:
+        model.train(training)
 
 
 def _protect_outputs(body: Any) -> None:
@@ -83,10 +86,11 @@ class Capture(nn.Module):
         return save
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{target: output}``; a hooked module the forward pass never calls (a block's unused drop-path) is left out."""
         if self.mode == "fx":
             raw = self.body(x)
         else:
             self._hooked.clear()
             self.body(x)
             raw, self._hooked = self._hooked, {}
-        return {t: raw[node] for t, node in self.nodes.items()}
+        return {t: raw[node] for t, node in self.nodes.items() if node in raw}

@@ -17,6 +17,7 @@ from torch import nn
 from torchtool.core.features.capture import Capture
 from torchtool.core.features.layers import Layer, LayerCatalog
 from torchtool.core.features.pooling import l2_normalize, pool_features, stage_map
+from torchtool.core.output import UsageError
 
 
 class FeatureExtractor(nn.Module):
@@ -60,6 +61,9 @@ class FeatureExtractor(nn.Module):
         # Pool in float32 even under --amp: bilinear pooling's products lose too much in bf16.
         with _no_autocast(x.device):
             for lay in self.layers:
+                if lay.target not in raw:
+                    raise UsageError(f"layer {lay.name!r} ({lay.target}) is not run by this model's forward pass",
+                                     hint="run with --list-layers to see the layers that are")
                 feat = raw[lay.target]
                 if feat.dtype in (torch.float16, torch.bfloat16):
                     feat = feat.float()

@@ -111,8 +111,11 @@ class LayerCatalog:
         for k, (module, chs) in enumerate(zip(stage_modules(model), channels)):
             self.stages[f"stage:{k}"] = (module, (int(chs), prefix))
         head = classifier_name(model)
-        if self.nodes and head in self.nodes and self.nodes.index(head) > 0:
-            self._gap = self.nodes[self.nodes.index(head) - 1]
+        if self.nodes:  # the node before the classifier's first (a Linear may trace as head or head.linear)
+            first = next((i for i, n in enumerate(self.nodes) if n == head or n.startswith(f"{head}.")), 0)
+            self._gap = self.nodes[first - 1] if first > 0 else ""
+        else:  # untraceable (hooks): the global pool's output is what the classifier takes
+            self._gap = next((m for m in ("global_pool", "head.global_pool") if m in self.modules), "")
 
     def gap_target(self, image_size: int = 224) -> str | None:
         """The last 4-D feature map before the classifier head (GAP of it is the pooled vector)."""
