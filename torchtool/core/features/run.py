@@ -138,7 +138,7 @@ def list_layers(model: str | None, weights: str, image_size: int | None = None) 
     """``--list-layers``: every layer name of the model with its per-sample shape (nothing is downloaded)."""
     arch, choice = choose_weights(model, weights)
     built = build_model(arch, choice if choice.kind == "file" else "none")  # pretrained or not, the same layers
-    return LayerCatalog(built.model, built.arch).table(image_size or built.preprocess.crop_size)
+    return LayerCatalog(built.model, built.arch).table(built.preprocessing(image_size).crop_size)
 
 
 def _layer_shapes(extractor: FeatureExtractor, crop: int, dev: torch.device, amp: bool) -> dict[str, tuple]:
