@@ -221,8 +221,10 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
 
     # 3. the loop: workers decode and crop to uint8 (4x less to pass on than floats), the batch
     # is normalised on the device, one forward gives every layer, rows are written as they come
+    # what is left, read by rank 0 before any rank writes and shared: a rank reading it itself could see rows another
+    # rank has already written, and the ranks would split the work differently (rows done twice, others never)
     if layout is None:
-        pending = store.pending()
+        pending = dist.broadcast(store.pending() if dist.is_main else None)
         todo = pending[dist.rank::dist.world_size]
         what, total = "rows", len(paths)
         mine = [paths[i] for i in todo]
@@ -230,7 +232,7 @@ def _run(cfg: ExtractConfig, dist: runtime.Dist, held: contextlib.ExitStack, def
                                                max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
         bad, units = infer.BadInputs(mine, cfg.strict), len(todo)
     else:
-        pending = layout.pending(store.status.read())
+        pending = dist.broadcast(layout.pending(store.status.read()) if dist.is_main else None)
         todo = np.asarray(pending[dist.rank::dist.world_size], dtype=np.int64)
         what, total = "videos", len(paths)
         loader, normalize = vids.frame_loader(layout, todo, preprocess, dev, batch_size=cfg.batch_size,
