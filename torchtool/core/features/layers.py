@@ -106,10 +106,9 @@ class LayerCatalog:
 
     def _timm_aliases(self, model: nn.Module) -> None:
         """stage:K for each feature stage; gap: the classifier's input (the node before it)."""
-        channels = [f.get("num_chs", 0) for f in model.feature_info if isinstance(f, dict) and f.get("module")]
         prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
-        for k, (module, chs) in enumerate(zip(stage_modules(model), channels)):
-            self.stages[f"stage:{k}"] = (module, (int(chs), prefix))
+        for k, (module, channels) in enumerate(stage_modules(model)):
+            self.stages[f"stage:{k}"] = (module, (channels, prefix))
         head = classifier_name(model)
         if self.nodes:  # the node before the classifier's first (a Linear may trace as head or head.linear)
             first = next((i for i, n in enumerate(self.nodes) if n == head or n.startswith(f"{head}.")), 0)

@@ -12,7 +12,6 @@ Nothing here runs at import: timm is imported when a function needs it.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from pathlib import Path
@@ -218,7 +217,7 @@ def check_input_size(model: Any, crop: int) -> None:
                          hint=f"leave --image-size out, or pass --image-size {size[0]}")
 
 
-def stage_modules(model: Any) -> list[str]:
-    """The module names of a timm model's feature stages (``feature_info``), in order."""
+def stage_modules(model: Any) -> list[tuple[str, int]]:
+    """(module name, channels) of each of a timm model's feature stages (``feature_info``), in order."""
     info = getattr(model, "feature_info", None) or []
-    return [f["module"] for f in info if isinstance(f, dict) and f.get("module")]
+    return [(f["module"], int(f.get("num_chs", 0))) for f in info if isinstance(f, dict) and f.get("module")]
