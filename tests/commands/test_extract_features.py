@@ -46,7 +46,11 @@ def small(weights: Path | str, *extra: str) -> list[str]:
 
 
 def load(out: Path, name: str) -> np.ndarray:
-    return np.load(out / f"{name}.npy")
+    """``out/name.npy``, which must end where its array ends (rows are written at offsets: none past it)."""
+    path = out / f"{name}.npy"
+    array = np.load(path)
+    assert path.stat().st_size == np.load(path, mmap_mode="r").offset + array.nbytes, f"{path} has bytes past its array"
+    return array
 
 
 def index(out: Path) -> list[dict[str, str]]:

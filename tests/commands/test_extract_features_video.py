@@ -399,10 +399,8 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, clips, resnet18_weight
         assert "resuming" not in again.stderr and sampling(out)["every"] == int(changed[-1])
 
 
-# KNOWN BUG (issue 26, open): on a loaded machine the two-process run sometimes leaves one good frame row all
-# NaN while its status says ok (seen: the last video, a second listing of c_china.mkv, segment 0; reproduced 2 of
-# 4 times with two CPU hogs beside it, never on an idle machine). Not strict, so CI lands; fix, then remove this.
-@pytest.mark.xfail(strict=False, reason="issue 26: a frame row of a torchrun run is sometimes NaN under load")
+# a bad frame's NaN row was once K frames long, so one process's NaN could land on the next video's first frame
+# after the other process had written it (seen under load only): tests/core/test_video_features.py has it exactly
 @pytest.mark.parametrize("opts", [["--segments", "3"], ["--fps", "4"]], ids=["segments", "fps"])
 def test_torchrun_two_processes_write_the_same_bytes_as_one(tmp_path, clips, broken, run_python, opts):
     inputs = [str(c) for c in [*clips, broken["cut"], broken["text"], clips[2]]]  # odd: ranks get unequal shares
@@ -421,4 +419,5 @@ def test_torchrun_two_processes_write_the_same_bytes_as_one(tmp_path, clips, bro
     for name in names:
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     assert [r["status"] for r in index(two)] == ["ok"] * 4 + ["partial", "skipped", "ok"]
+    assert np.isfinite(load(two, "gap")[[0, 1, 2, 3, 6]]).all()  # (load: and nothing past the array's end)
     assert not (two / ".state").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchtool.core.features.store import OK, PENDING, SKIPPED
+from torchtool.core.features.store import OK, PENDING, SKIPPED, FeatureStore, RowFile
 from torchtool.core.features.videos import (FramePool, Layout, PlannedVideo, Sampling, sampling_from, video_index,
                                             video_status)
 from torchtool.core.output import UsageError
@@ -131,3 +131,33 @@ def test_video_status_and_index():
     lines = video_index(layout, states).splitlines()
     assert lines[0] == "path,status,frame_count,fps,indices,error"
     assert lines[1] == "v0.avi,ok,2,25,0 1," and lines[4] == "bad.mp4,skipped,,,,not a readable video"
+
+
+@pytest.mark.parametrize("order", ["neighbour first", "bad rows first"])
+def test_bad_frame_rows_of_a_video_array_touch_no_other_row(tmp_path, order):
+    """[videos, K, D] files: a bad frame's NaN row is one frame's, in whatever order the processes write (it
+    was K frames' long: under torchrun the next video's first frame could be NaN, and the file grew)."""
+    store = FeatureStore(tmp_path, 9, {"gap": (4,), "map": (2, 2)}, "float32", create=True, group=3)
+    good = {"gap": np.ones((3, 4), np.float32), "map": np.ones((3, 2, 2), np.float32)}
+    writes = [(np.array([3, 4, 5]), good, {}), (np.empty(0, np.int64), {}, {1: "gone", 2: "gone"})]
+    for rows, feats, bad in writes if order == "neighbour first" else writes[::-1]:
+        store.write(rows, feats, bad)
+    store.close()
+    for name, shape in (("gap", (4,)), ("map", (2, 2))):
+        array = np.load(tmp_path / f"{name}.npy")
+        assert array.shape == (3, 3, *shape)
+        assert (tmp_path / f"{name}.npy").stat().st_size == np.load(tmp_path / f"{name}.npy", mmap_mode="r").offset \
+            + array.nbytes  # nothing written past the end
+        assert np.isnan(array[0, 1:]).all() and (array[0, 0] == 0).all()  # row 0 never written: zeros
+        assert (array[1] == 1).all() and (array[2] == 0).all()
+
+
+def test_a_row_file_refuses_a_write_that_is_not_its_rows(tmp_path):
+    rows = RowFile(tmp_path / "a.npy", (2, 3, 4), np.float32, create=True, row_dims=2)
+    for at, values in (([0, 1], np.zeros((2, 3, 4))), ([0], np.zeros((1, 3, 4))), ([6], np.zeros((1, 4))),
+                       ([-1], np.zeros((1, 4))), ([4, 5], np.zeros((1, 4)))):
+        with pytest.raises(ValueError, match="cannot write"):
+            rows.write(np.array(at), values)
+    rows.write(np.array([5]), np.ones((1, 4)))
+    rows.close()
+    assert np.load(tmp_path / "a.npy")[1, 2].tolist() == [1.0] * 4

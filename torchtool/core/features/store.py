@@ -91,7 +91,9 @@ class RowFile:
                              hint="pass --overwrite to start afresh")
         self.path, self.shape, self.dtype, self.offset = path, tuple(shape), np.dtype(dtype), header.offset
         del header  # only its layout was wanted: no mapping stays open
-        self.row_bytes = self.nbytes(self.shape[row_dims:], self.dtype)
+        self.row_shape = self.shape[row_dims:]  # one row's: a [V, K, D] file's rows are [D]
+        self.n_rows = int(np.prod(self.shape[:row_dims], dtype=np.int64))
+        self.row_bytes = self.nbytes(self.row_shape, self.dtype)
         self.fd = os.open(path, os.O_RDWR)
         if create:  # the space is taken now: a full disk fails here, not half-way through the run
             reserve(self.fd, self.offset + self.nbytes(self.shape, self.dtype), path)
@@ -102,9 +104,15 @@ class RowFile:
         return np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Write ``values[i]`` at row ``rows[i]``: one pwrite per run of consecutive rows."""
-        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(len(rows), -1)
+        """Write ``values[i]`` (one row's shape) at row ``rows[i]``: one pwrite per run of consecutive rows.
+
+        Anything else is a ValueError before a byte is written: a pwrite never reaches another row."""
         rows = np.asarray(rows, dtype=np.int64)
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if values.shape != (len(rows), *self.row_shape) or (len(rows) and not 0 <= rows.min() <= rows.max() < self.n_rows):
+            raise ValueError(f"{self.path}: cannot write {list(values.shape)} at rows {rows.tolist()[:8]} of "
+                             f"{self.n_rows} rows of {list(self.row_shape)}")
+        values = values.reshape(len(rows), -1)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
             data = memoryview(values[start:stop]).cast("B")
@@ -164,7 +172,7 @@ class FeatureStore:
             if len(rows):
                 arr.write(rows, feats[name])
             if bad:
-                arr.write(bad_rows, np.full((len(bad), *arr.shape[1:]), np.nan, dtype=arr.dtype))
+                arr.write(bad_rows, np.full((len(bad), *arr.row_shape), np.nan, dtype=arr.dtype))
             arr.sync()
         for row, error in (bad | (notes or {})).items():
             self._errors.write(json.dumps({"row": int(row), "error": error}) + "\n")
