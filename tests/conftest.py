@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -56,6 +57,11 @@ GENEROUS_S = 1800  # the bound on waiting for an event: only a hung run reaches 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long end-to-end run (minutes on 2 busy cores); "
                                        "-m 'not slow' leaves it out")
+    # A suite started in the background (`pytest &` from a script) inherits an ignored SIGINT, and so would every
+    # process it starts: the tests of what Ctrl-C does need it delivered, as at a terminal (each xdist worker
+    # runs this too).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
