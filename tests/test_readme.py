@@ -1,15 +1,16 @@
 """Every command line in the README and in docs/ runs as written, so neither can drift from the tool.
 
 Each ``torchtool ...`` line of the ``sh`` blocks of README.md and docs/**/*.md, each once
-(pipes, redirects and ``\\`` continuations included), runs through bash in one working folder that holds what the
-examples name (imgs/, more.jpg, data/, photos/, paths.txt). What this machine cannot have
-is replaced, and nothing else:
+(pipes, redirects and ``\\`` continuations included), runs in one working folder that holds what the examples
+name (imgs/, more.jpg, data/, photos/, paths.txt): through bash where a line needs a shell or another process,
+else in this process through the console script's own entry (``cli.invoke``), with the line's words as bash would
+split them. What this machine cannot have is replaced, and nothing else:
 
 - pretrained weights: random-init state_dicts of each architecture the lines name are put
   where torchvision's cache expects the downloads (TORCH_HOME), so ``DEFAULT`` loads them, and
   those of the timm models (``timm:NAME.TAG``) in a Hugging Face cache read offline (HF_HOME);
-- the work's size: ``torchtool`` on PATH is a small script that appends options making the
-  run small (one epoch, 32 px, the CPU); options given later win in click, so the line's own
+- the work's size: options making the run small (one epoch, 32 px, the CPU) are appended to the line, by
+  ``torchtool`` on PATH (a small script) or before the in-process run; options given later win in click, so the line's own
   options are still parsed and checked;
 - lines that need several GPUs (``torchrun --nproc-per-node 4 ... --device cuda``) are
   skipped unless there are that many.
@@ -222,8 +223,46 @@ def test_the_readme_has_examples_of_every_command():
     assert commands - {"demo"} <= shown, f"no README example for: {sorted(commands - shown)}"
 
 
+# What only a shell or another process does: pipes, redirects, globs aside; torchrun; timm's offline mode (read
+# once, when huggingface_hub is imported). Every other line runs in this process (as the console script would
+# run it: cli.invoke): ~5 s of torch's import less per line.
+NEEDS_A_SHELL = re.compile(r"[|<>;&$`]|^torchrun|^python|timm:")
+
+
+def run_in_process(line: str, work: Path, env: dict[str, str], monkeypatch, capsys) -> tuple[int, str]:
+    """``torchtool ARGS`` as the small torchtool on PATH runs it (its SMALL options appended), in ``work``,
+    with ``env``; returns (exit code, stderr). Globs are expanded as bash does (sorted)."""
+    import glob
+    import shlex
+
+    from torchtool import cli
+
+    words = []
+    for word in shlex.split(line)[1:]:
+        words += sorted(glob.glob(word, root_dir=work)) or [word] if any(c in word for c in "*?[") else [word]
+    command = next((w for w in words if not w.startswith("-")), None)
+    at = words.index("--") if "--" in words else len(words)
+    words[at:at] = SMALL.get(command, [])
+    with monkeypatch.context() as patch:
+        patch.chdir(work)
+        for key in set(os.environ) - set(env):
+            patch.delenv(key)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            code = cli.invoke(words)
+        except SystemExit as done:  # as the console script exits
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        except Exception:
+            import traceback
+
+            return -1, capsys.readouterr().err + traceback.format_exc()
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", sorted(SECTIONS))
-def test_every_readme_command_line_runs_as_written(workdir, command):
+def test_every_readme_command_line_runs_as_written(workdir, command, monkeypatch, capsys):
     import shutil
 
     import torch
@@ -237,13 +276,17 @@ def test_every_readme_command_line_runs_as_written(workdir, command):
         if line.startswith("torchrun") and needed > gpus:
             continue  # several GPUs (tests/commands run torchrun on the CPU with gloo)
         shutil.rmtree(work / "features", ignore_errors=True)
-        proc = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=GENEROUS_S)
+        if NEEDS_A_SHELL.search(line):
+            proc = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=GENEROUS_S)
+            code, stderr = proc.returncode, proc.stderr
+        else:
+            code, stderr = run_in_process(line, work, env, monkeypatch, capsys)
         ran += 1
         expected = 1 if needed > gpus else 0
-        errors = [e for e in proc.stderr.splitlines() if e.startswith("torchtool: error:")]
-        if proc.returncode != expected or "Traceback" in proc.stderr or (expected and len(errors) != 1):
-            failures.append(f"$ {line}\n  exit {proc.returncode} (expected {expected})\n"
-                            + textwrap.indent(proc.stderr[-1500:], "  "))
+        errors = [e for e in stderr.splitlines() if e.startswith("torchtool: error:")]
+        if code != expected or "Traceback" in stderr or (expected and len(errors) != 1):
+            failures.append(f"$ {line}\n  exit {code} (expected {expected})\n" + textwrap.indent(stderr[-1500:], "  "))
     assert not failures, "README lines that do not run as written:\n" + "\n".join(failures)
     assert ran >= len(lines) - sum(line.startswith("torchrun") for line in lines)
 
