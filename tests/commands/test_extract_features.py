@@ -662,8 +662,8 @@ def test_workers_beyond_the_cpus_are_capped_with_one_note(tmp_path, photo_files,
 
 
 def test_resume_after_a_kill(tmp_path, photo_files, resnet18_weights_pth, torchtool_exe):
-    listing = _many(tmp_path, photo_files, 400)  # long enough to be mid-way when the kill comes
-    n = 400
+    n = 160  # long enough to be mid-way when the kill comes (8 rows, polled every 0.1 s)
+    listing = _many(tmp_path, photo_files, n)
     out = tmp_path / "feats"
     args = ["--list", str(listing), "-o", str(out), "-l", "layer3,gap", *small(resnet18_weights_pth, "-b", "2"),
             "--device", "cpu"]
