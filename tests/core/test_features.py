@@ -315,6 +315,29 @@ class Untraceable(nn.Module):
         return self.head(y.mean(dim=(2, 3)))
 
 
+class PerSample(nn.Module):
+    """A Python loop over the batch: torch.fx cannot trace it, the meta device runs it; one module is never run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.unused = nn.Linear(4, 4)  # as a block's drop-path that is off
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.cat([self.conv(x[i:i + 1]) for i in range(x.shape[0])])
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_an_untraceable_models_layer_list_leaves_out_modules_its_forward_never_runs():
+    catalog = LayerCatalog(PerSample().eval(), "per-sample")
+    assert catalog.nodes is None  # hooks
+    rows = {row["name"]: row for row in catalog.table(8)}
+    assert "unused" not in rows
+    assert rows["conv"] == {"name": "conv", "target": "conv", "kind": "module", "shape": [4, 8, 8]}
+    assert rows["head"]["shape"] == [2] and rows["logits"]["shape"] == [2]
+
+
 def test_untraceable_model_falls_back_to_hooks():
     torch.manual_seed(4)
     model = Untraceable().eval()

@@ -175,6 +175,9 @@ class LayerCatalog:
             rows.append({"name": alias, "target": module, "kind": "stage", "shape": shape})
         for alias, target in targets.items():
             rows.append({"name": alias, "target": target, "kind": "alias", "shape": list(shapes.get(target, ()))})
+        # an untraceable model's modules come from hooks: one without a shape is never run by its forward (a
+        # block's unused drop-path), and asking for it would be an error; a traced node always runs
         kind = "node" if self.nodes else "module"
-        rows.extend({"name": n, "target": n, "kind": kind, "shape": list(shapes.get(n, ()))} for n in nodes)
+        rows.extend({"name": n, "target": n, "kind": kind, "shape": list(shapes.get(n, ()))}
+                    for n in nodes if self.nodes or n in shapes)
         return rows
