@@ -9,9 +9,9 @@ split them. What this machine cannot have is replaced, and nothing else:
 - pretrained weights: random-init state_dicts of each architecture the lines name are put
   where torchvision's cache expects the downloads (TORCH_HOME), so ``DEFAULT`` loads them, and
   those of the timm models (``timm:NAME.TAG``) in a Hugging Face cache read offline (HF_HOME);
-- the work's size: options making the run small (one epoch, 32 px, the CPU) are appended to the line, by
-  ``torchtool`` on PATH (a small script) or before the in-process run; options given later win in click, so the line's own
-  options are still parsed and checked;
+- the work's size: options making the run small (one epoch, 32 px, the CPU) are appended to the line
+  (:func:`small_args`, by ``torchtool`` on PATH, a small script, or before the in-process run); options given
+  later win in click, so the line's own options are still parsed and checked;
 - lines that need several GPUs (``torchrun --nproc-per-node 4 ... --device cuda``) are
   skipped unless there are that many.
 
@@ -21,6 +21,7 @@ one; a ``--resume`` line continues the run of the line before it.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -45,6 +46,14 @@ SMALL = {
     "profile": ["--device", "cpu", "--max-time", "0.05", "--tips", "channels_last,inference_mode,fold_bn",
                 "--dataloader-images", "8", "--batch-size", "2", "--input-size", "3,64,64"],
 }
+
+
+def small_args(args: list[str], small: dict[str, list[str]]) -> list[str]:
+    """A command line's words (after ``torchtool``) with ``small``'s options for its command appended, before a
+    ``--`` (what follows it is a profiled script's); the small torchtool on PATH runs this too."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    at = args.index("--") if "--" in args else len(args)
+    return [*args[:at], *small.get(command, []), *args[at:]]
 
 
 def readme_blocks(lang: str) -> list[str]:
@@ -159,16 +168,9 @@ def readme_env(tmp_path_factory, photo_files) -> tuple[Path, dict[str, str]]:
     bin_dir = root / "bin"
     bin_dir.mkdir()
     small = bin_dir / "torchtool"
-    small.write_text(textwrap.dedent(f"""\
-        #!{sys.executable}
-        import sys
-        from torchtool.cli import entry
-        SMALL = {SMALL!r}
-        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-        at = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)  # what follows -- is a script's
-        sys.argv[at:at] = SMALL.get(command, [])
-        entry()
-        """))
+    small.write_text("\n".join([f"#!{sys.executable}", "import sys", "from torchtool.cli import entry",
+                                  inspect.getsource(small_args),
+                                  f"sys.argv[1:] = small_args(sys.argv[1:], {SMALL!r})", "entry()", ""]))
     small.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "TORCHTOOL_DEBUG"}
     # torchrun: the one beside this interpreter (a venv's bin need not be on PATH)
@@ -237,10 +239,7 @@ def run_in_process(line: str, work: Path, env: dict[str, str], monkeypatch, caps
 
     from torchtool import cli
 
-    words = shlex.split(line)[1:]
-    command = next((w for w in words if not w.startswith("-")), None)
-    at = words.index("--") if "--" in words else len(words)
-    words[at:at] = SMALL.get(command, [])
+    words = small_args(shlex.split(line)[1:], SMALL)
     with monkeypatch.context() as patch:
         patch.chdir(work)
         for key in set(os.environ) - set(env):

@@ -109,7 +109,8 @@ class RowFile:
         Anything else is a ValueError before a byte is written: a pwrite never reaches another row."""
         rows = np.asarray(rows, dtype=np.int64)
         values = np.ascontiguousarray(values, dtype=self.dtype)
-        if values.shape != (len(rows), *self.row_shape) or (len(rows) and not 0 <= rows.min() <= rows.max() < self.n_rows):
+        inside = not len(rows) or 0 <= rows.min() <= rows.max() < self.n_rows
+        if values.shape != (len(rows), *self.row_shape) or not inside:
             raise ValueError(f"{self.path}: cannot write {list(values.shape)} at rows {rows.tolist()[:8]} of "
                              f"{self.n_rows} rows of {list(self.row_shape)}")
         values = values.reshape(len(rows), -1)
